@@ -1,0 +1,118 @@
+"""Sessions for the Mosaic monorepo (run ``nox -l`` for the list).
+
+Every package under ``packages/`` is found automatically; ``package`` is
+parametrized over them and installs one package with mosaic-core alone, so
+each team can depend on just what it uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
+TORCH = os.environ.get("MOSAIC_TORCH", "torch==2.13.0")
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests", "package"]
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    path: Path
+
+    @property
+    def tests(self) -> Path:
+        return self.path / "tests"
+
+
+def list_packages() -> list[Package]:
+    return [Package(p.name, p) for p in sorted((ROOT / "packages").iterdir()) if (p / "pyproject.toml").exists()]
+
+
+PACKAGES = list_packages()
+CORE = next(p for p in PACKAGES if p.name == "mosaic-core")
+
+
+def _install(session: nox.Session, *packages: Package) -> None:
+    session.install(TORCH)
+    editable = [arg for p in (CORE, *packages) for arg in ("-e", str(p.path))]
+    session.install(*dict.fromkeys(editable))  # core first, once
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and format check over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Every package installed together; all package tests and the top-level tests."""
+    _install(session, *PACKAGES)
+    session.install("pytest")
+    paths = [str(p.tests) for p in PACKAGES if p.tests.exists()] + ["tests"]
+    session.run("pytest", *paths, *session.posargs)
+
+
+@nox.session
+@nox.parametrize("package", [p.name for p in PACKAGES if p is not CORE] + ["mosaic-core"])
+def package(session: nox.Session, package: str) -> None:
+    """One package with only mosaic-core (and what it declares): import smoke test and its tests."""
+    pkg = next(p for p in PACKAGES if p.name == package)
+    _install(session, pkg)
+    session.install("pytest")
+    module = "mosaic" if pkg is CORE else pkg.name.replace("-", "_")
+    session.run("python", "-c", f"import {module}, mosaic; print(mosaic.available_backends())")
+    if pkg.tests.exists():
+        session.run("pytest", str(pkg.tests), *session.posargs)
+
+
+def _gpu_count() -> int:
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return len([line for line in out.stdout.splitlines() if line.startswith("GPU")])
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """GPU tests under torchrun with NCCL on 2 and 4 GPUs (uses the current Python environment)."""
+    count = _gpu_count()
+    if count < 2:
+        session.skip(f"needs at least 2 NVIDIA GPUs, found {count}")
+    for p in PACKAGES:
+        session.run("python", "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(p.path))
+    session.run("python", "-m", "pytest", "-q", str(CORE.tests / "test_kernels.py"), "-k", "cuda")
+    for world in (2, 4):
+        if world > count:
+            session.log(f"skipping world size {world}: only {count} GPUs")
+            continue
+        session.run("torchrun", f"--nproc_per_node={world}", "tests/gpu/check_backends.py", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """The sequence-parallel benchmark under torchrun on every GPU (current Python environment)."""
+    count = _gpu_count()
+    if count < 2:
+        session.skip(f"needs at least 2 NVIDIA GPUs, found {count}")
+    session.run("torchrun", f"--nproc_per_node={count}", "benchmarks/bench_sp.py", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: nanoTabPFN trained with its rows sharded over 4 CPU processes (gloo)."""
+    _install(session, *PACKAGES)
+    session.install("-r", "examples/nanotabpfn/requirements.txt")
+    args = session.posargs or []
+    session.run("torchrun", "--nproc_per_node=4", "examples/nanotabpfn/train.py", *args)

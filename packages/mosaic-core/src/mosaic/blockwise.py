@@ -1,0 +1,256 @@
+"""Attention between rows at known global positions, built from kernel calls.
+
+Every strategy ends up asking the same question: "these query rows sit at
+these global positions, these key rows at those; with ``kv_len`` and
+``causal``, which (query rows, key rows) blocks must be computed, and how?"
+:func:`plan` answers it once for all of them. A plan is a list of
+:class:`Piece` s, each a full block or a square causal block whose query and
+key rows sit at the same positions (so every kernel's causal alignment rule
+agrees). :func:`forward` runs a plan and merges the pieces with their
+log-sum-exp; :func:`backward` runs the matching kernel backwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import KernelCall, attention_backward, attention_forward, lse_dtype
+from .layout import Span
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Query rows ``q`` attend to key rows ``k`` (local row slices); ``causal`` = square diagonal block."""
+
+    q: slice
+    k: slice
+    causal: bool = False
+
+
+def _rows(spans: tuple[Span, ...]) -> list[tuple[int, int, int]]:
+    """``(start, stop, first_row)`` for each span of a local tensor."""
+    out, row = [], 0
+    for start, stop in spans:
+        out.append((start, stop, row))
+        row += stop - start
+    return out
+
+
+def cut_spans(spans: tuple[Span, ...], kv_len: int | None) -> tuple[Span, ...]:
+    """Key spans restricted to positions ``< kv_len`` (the key prefix), empty spans dropped."""
+    if kv_len is None:
+        return spans
+    return tuple((a, min(b, kv_len)) for a, b in spans if min(b, kv_len) > a)
+
+
+def plan(
+    q_spans: tuple[Span, ...],
+    k_spans: tuple[Span, ...],
+    *,
+    causal: bool = False,
+    kv_len: int | None = None,
+) -> list[Piece]:
+    """Blocks to compute for queries at ``q_spans`` over keys at ``k_spans``.
+
+    Key ``j`` is visible to query ``i`` iff ``j < kv_len`` and, when causal,
+    ``j <= i``. Rows lists follow the spans in order (a rank's local layout).
+    Returns an empty list when no query sees any key.
+    """
+    q_rows = _rows(q_spans)
+    # Keys past kv_len keep their row numbers; only the rows below kv_len are used.
+    k_rows = [(a, min(b, kv_len if kv_len is not None else b), r) for a, b, r in _rows(k_spans)]
+    k_rows = [(a, b, r) for a, b, r in k_rows if b > a]
+    n_q = sum(b - a for a, b, _ in q_rows)
+    if not q_rows or not k_rows or n_q == 0:
+        return []
+    if not causal:
+        return _coalesce(
+            [Piece(slice(qr, qr + qb - qa), slice(kr, kr + kb - ka)) for qa, qb, qr in q_rows for ka, kb, kr in k_rows]
+        )
+    if [(a, b) for a, b, _ in q_rows] == [(a, b) for a, b, _ in k_rows]:
+        # Same positions in the same order: one top-left causal block.
+        return [Piece(slice(0, n_q), slice(0, n_q), causal=True)]
+    pieces: list[Piece] = []
+    for qa, qb, qr in q_rows:
+        for ka, kb, kr in k_rows:
+            pieces.extend(_causal_pair(qa, qb, qr, ka, kb, kr))
+    return _coalesce(pieces)
+
+
+def _causal_pair(qa: int, qb: int, qr: int, ka: int, kb: int, kr: int) -> list[Piece]:
+    """Causal blocks between one query span and one key span."""
+    if kb - 1 <= qa:  # every key is at or before the first query
+        return [Piece(slice(qr, qr + qb - qa), slice(kr, kr + kb - ka))]
+    if ka >= qb:  # every key is after the last query
+        return []
+    out = []
+    if ka < qa:  # keys before the first query: seen by all queries
+        out.append(Piece(slice(qr, qr + qb - qa), slice(kr, kr + qa - ka)))
+    lo, hi = max(ka, qa), min(kb, qb)  # positions held by both sides
+    q_lo, k_lo = qr + lo - qa, kr + lo - ka
+    out.append(Piece(slice(q_lo, q_lo + hi - lo), slice(k_lo, k_lo + hi - lo), causal=True))
+    if hi < qb:  # queries after the shared positions see all of them
+        out.append(Piece(slice(q_lo + hi - lo, qr + qb - qa), slice(k_lo, k_lo + hi - lo)))
+    return out
+
+
+def _coalesce(pieces: list[Piece]) -> list[Piece]:
+    """Join full blocks that touch along one side, so kernels get fewer, larger calls."""
+    pieces = list(pieces)
+    merged = True
+    while merged:
+        merged = False
+        for i, a in enumerate(pieces):
+            for j in range(i + 1, len(pieces)):
+                b = pieces[j]
+                if a.causal or b.causal:
+                    continue
+                joined = _join(a, b) or _join(b, a)
+                if joined:
+                    pieces[i] = joined
+                    del pieces[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return pieces
+
+
+def _join(a: Piece, b: Piece) -> Piece | None:
+    if a.q == b.q and a.k.stop == b.k.start:
+        return Piece(a.q, slice(a.k.start, b.k.stop))
+    if a.k == b.k and a.q.stop == b.q.start:
+        return Piece(slice(a.q.start, b.q.stop), a.k)
+    return None
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold a partial result into an accumulator, in place (fp32 ``out``/``lse``).
+
+    Rows with no key on either side (``lse = -inf``) stay ``out = 0, lse = -inf``: no NaN.
+    """
+    new = torch.logaddexp(lse, block_lse)
+    safe = new.masked_fill(torch.isneginf(new), 0.0)
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(block_out * torch.exp(block_lse - safe).unsqueeze(-1))
+    lse.copy_(new)
+
+
+def empty_partial(q: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulators for ``rows`` query rows (default all): ``out = 0``, ``lse = -inf``."""
+    b, h, n, d = q.shape
+    n = n if rows is None else rows
+    acc = lse_dtype(q.dtype)
+    out = torch.zeros(b, h, n, d, dtype=acc, device=q.device)
+    return out, torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: list[Piece], scale: float
+) -> tuple[torch.Tensor, torch.Tensor, list[KernelCall | None]]:
+    """Run a plan: ``(out, lse, calls)``; ``out`` is fp32 unless one piece covers every query row."""
+    if len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]):
+        p = pieces[0]
+        out, lse, call = attention_forward(q, k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale)
+        return out, lse, [call]
+    out, lse = empty_partial(q)
+    calls = []
+    for p in pieces:
+        block_out, block_lse, call = attention_forward(
+            q[:, :, p.q], k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale
+        )
+        merge_(out[:, :, p.q], lse[:, :, p.q], block_out, block_lse)
+        calls.append(call)
+    return out, lse, calls
+
+
+def backward_(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pieces: list[Piece],
+    calls: list[KernelCall | None],
+    scale: float,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+) -> None:
+    """Add the plan's gradients into ``dq, dk, dv`` (accumulators shaped like q, k, v)."""
+    for p, call in zip(pieces, calls, strict=True):
+        g = attention_backward(
+            dout[:, :, p.q],
+            q[:, :, p.q],
+            k[:, :, p.k],
+            v[:, :, p.k],
+            out[:, :, p.q],
+            lse[:, :, p.q],
+            call,
+            causal=p.causal,
+            scale=scale,
+        )
+        dq[:, :, p.q] += g[0]
+        dk[:, :, p.k] += g[1]
+        dv[:, :, p.k] += g[2]
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pieces: list[Piece],
+    calls: list[KernelCall | None],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of a plan, in the inputs' dtypes."""
+    if len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]) and pieces[0].k == slice(0, k.shape[2]):
+        p = pieces[0]
+        return attention_backward(dout, q, k, v, out, lse, calls[0], causal=p.causal, scale=scale)
+    acc = lse_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+    backward_(dout, q, k, v, out, lse, pieces, calls, scale, dq, dk, dv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class SpanAttention(torch.autograd.Function):
+    """Differentiable attention over a plan (used by strategies whose keys are all local)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pieces: list[Piece], scale: float):
+        out, lse, calls = forward(q, k, v, pieces, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pieces, ctx.calls, ctx.scale = pieces, calls, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(dout, q, k, v, out, lse, ctx.pieces, ctx.calls, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def span_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_spans: tuple[Span, ...],
+    k_spans: tuple[Span, ...],
+    *,
+    causal: bool = False,
+    kv_len: int | None = None,
+    scale: float,
+) -> torch.Tensor:
+    """Differentiable attention of queries at ``q_spans`` over keys at ``k_spans`` (all local).
+
+    With no query rows the result is empty but still depends on k and v, so a
+    collective in their backward runs on every rank.
+    """
+    pieces = plan(q_spans, k_spans, causal=causal, kv_len=kv_len)
+    return SpanAttention.apply(q, k, v, pieces, scale)

@@ -1,0 +1,149 @@
+"""Collectives the strategies share: uneven gathers, their autograd, and a P2P ring.
+
+Gathers and scatters here work along dim 2 of the canonical layout
+``(batch, heads, seq, head_dim)`` or along any dim given, and allow every rank
+its own length (a rank may contribute nothing: the key rows past ``kv_len``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._compat import all_gather_single, reduce_scatter_single
+
+
+def _is_gloo(group: dist.ProcessGroup | None) -> bool:
+    return dist.get_backend(group) == "gloo"
+
+
+def all_gather_uneven(x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate along ``dim`` every rank's ``x``, where rank ``r`` holds ``sizes[r]`` rows.
+
+    Equal sizes use one ``all_gather`` into a single buffer; unequal sizes let
+    NCCL move exactly the rows that exist (ranks holding none send nothing);
+    gloo, which needs equal sizes, pads.
+    """
+    rank = dist.get_rank(group)
+    if x.shape[dim] != sizes[rank]:
+        raise ValueError(f"rank {rank} holds {x.shape[dim]} rows along dim {dim}, expected {sizes[rank]}")
+    x = x.movedim(dim, 0)
+    if len(set(sizes)) == 1 or _is_gloo(group):
+        width = max(sizes)
+        padded = x if x.shape[0] == width else torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
+        out = x.new_empty((len(sizes) * width, *x.shape[1:]))
+        all_gather_single(out, padded.contiguous(), group=group)
+        if len(set(sizes)) != 1:
+            out = torch.cat([out[r * width : r * width + n] for r, n in enumerate(sizes)])
+    else:
+        parts = [x.new_empty((n, *x.shape[1:])) for n in sizes]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        out = torch.cat(parts)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter_uneven(x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum ``x`` over ranks and give rank ``r`` rows ``[sum(sizes[:r]), sum(sizes[:r+1]))`` along ``dim``."""
+    rank = dist.get_rank(group)
+    x = x.movedim(dim, 0)
+    if len(set(sizes)) == 1:
+        out = x.new_empty((sizes[rank], *x.shape[1:]))
+        reduce_scatter_single(out, x.contiguous(), group=group)
+    else:
+        parts = [p.contiguous() for p in x.split(sizes)]
+        out = x.new_empty((sizes[rank], *x.shape[1:]))
+        dist.reduce_scatter(out, parts, group=group)
+    return out.movedim(0, dim)
+
+
+class GatherAlong(torch.autograd.Function):
+    """All-gather along a dim; the backward reduce-scatters the gradient to the owners.
+
+    The gradient is summed in fp32 (fp64 stays fp64): P low-precision partial
+    sums would otherwise add an error that grows with the group size.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup):
+        ctx.sizes, ctx.dim, ctx.group = sizes, dim, group
+        return all_gather_uneven(x, sizes, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        wide = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        return reduce_scatter_uneven(wide, ctx.sizes, ctx.dim, ctx.group).to(grad.dtype), None, None, None
+
+
+def gather_along(x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Differentiable :func:`all_gather_uneven`."""
+    return GatherAlong.apply(x, sizes, dim, group)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over a group; every rank then uses the sum, so the gradient is summed back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Differentiable sum of ``x`` over ``group`` (identity when there is no group)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return AllReduceSum.apply(x, group)
+
+
+def all_to_all_uneven(
+    x: torch.Tensor, send: list[int], recv: list[int], dim: int, group: dist.ProcessGroup
+) -> torch.Tensor:
+    """Send rows ``split(send)[r]`` of ``x`` along ``dim`` to rank ``r``; concatenate what arrives."""
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out.movedim(0, dim)
+
+
+class RingComm:
+    """Double-buffered neighbour exchange over ``batch_isend_irecv``.
+
+    ``send_recv`` posts the sends and receives of one step, ``commit`` starts
+    them, ``wait`` finishes them, so a step's compute overlaps its transfer.
+    A rank passes ``None`` to skip a direction; both ends of a transfer must
+    agree, which they do because every rank knows every rank's layout.
+    """
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+        self._ops: list[dist.P2POp] = []
+        self._reqs: list = []
+
+    def send_recv(self, send: torch.Tensor | None, recv: torch.Tensor | None) -> None:
+        """Queue sending ``send`` to the next rank and receiving ``recv`` from the previous one."""
+        if send is not None:
+            self._ops.append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.group))
+        if recv is not None:
+            self._ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
+
+    def commit(self) -> None:
+        if self._ops:
+            self._reqs = dist.batch_isend_irecv(self._ops)
+
+    def wait(self) -> None:
+        for req in self._reqs:
+            req.wait()
+        # The ops hold the buffers until the transfers are done.
+        self._ops, self._reqs = [], []

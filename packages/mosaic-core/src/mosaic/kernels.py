@@ -1,0 +1,354 @@
+"""Block attention kernels: ``(out, lse)`` forward and the matching backward.
+
+Every strategy is built from one pair of functions, :func:`attention_forward`
+and :func:`attention_backward`, on the canonical layout ``(batch, heads, seq,
+head_dim)``. The forward returns the log-sum-exp of each query row (fp32; fp64
+for fp64 inputs) so partial results over different keys can be merged; the
+backward takes the *final* merged ``out`` and ``lse``, which makes the gradient
+of every key block exact without recomputing or storing a score matrix.
+
+The work is done by PyTorch's fused SDPA operators, picked in order of speed
+among those that accept the input (cuDNN, then flash on CUDA; the CPU flash
+operator on CPU) with an exact math fallback (fp32/fp64 on CUDA). PyTorch's
+memory-efficient operator is not used: on torch 2.11 its backward gave wrong
+dQ when handed a merged ``out``/``lse`` (seen on an H200, 2026-11-27). ``causal`` means
+top-left aligned, and callers only ask for it on square blocks whose query and
+key rows sit at the same positions, so no kernel's alignment rule matters.
+``MOSAIC_KERNEL=<name>`` forces one kernel (benchmarks, debugging).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+# Fused CUDA kernels put batch and heads on grid dimensions limited to 65535.
+CUDA_MAX_BATCH_HEADS = 65535
+# The math fallback materialises scores; bound them to ~1 GiB of fp32 per chunk.
+_MATH_MAX_SCORES = 1 << 28
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of log-sum-exp and of partial-result accumulation."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """What a backward needs from its forward besides tensors: the kernel and its per-chunk state."""
+
+    kernel: str
+    aux: tuple[Any, ...]
+
+
+class Kernel(ABC):
+    """One fused operator. Inputs arrive with equal heads, padded head dim and last-dim stride 1."""
+
+    name: str = ""
+    device_type: str = "cuda"
+    dtypes: frozenset[torch.dtype] = frozenset()
+    max_head_dim: int | None = None
+    pad_head_dim_to: int = 1
+
+    def reasons(self, q: torch.Tensor) -> list[str]:
+        """Why this kernel can't run ``q``; empty when it can."""
+        out = []
+        if q.device.type != self.device_type:
+            out.append(f"needs a {self.device_type} tensor, got {q.device.type}")
+        if self.dtypes and q.dtype not in self.dtypes:
+            out.append(f"dtype {q.dtype} not in {sorted(str(d) for d in self.dtypes)}")
+        d = _round_up(q.shape[-1], self.pad_head_dim_to)
+        if self.max_head_dim is not None and d > self.max_head_dim:
+            out.append(f"head dim {q.shape[-1]} > {self.max_head_dim}")
+        out.extend(self._extra_reasons(q))
+        return out
+
+    def _extra_reasons(self, q: torch.Tensor) -> list[str]:
+        return []
+
+    def max_batch(self, heads: int, q_len: int, k_len: int) -> int:
+        if self.device_type == "cuda":
+            return max(1, CUDA_MAX_BATCH_HEADS // heads)
+        return 1 << 62
+
+    @abstractmethod
+    def forward(self, q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``(out, lse (B, H, L), aux)`` for one batch chunk."""
+
+    @abstractmethod
+    def backward(self, dout, q, k, v, out, lse, aux, causal: bool, scale: float):
+        """``(dq, dk, dv)`` for one batch chunk, given the final ``out`` and ``lse``."""
+
+
+def _cuda_reasons(flag: str, min_capability: tuple[int, int]) -> list[str]:
+    out = []
+    if not getattr(torch.backends.cuda, flag)():
+        out.append(f"disabled by torch.backends.cuda.{flag.replace('_enabled', '')}")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < min_capability:
+        out.append(f"needs compute capability >= {min_capability}")
+    return out
+
+
+class CudnnKernel(Kernel):
+    name = "cudnn"
+    dtypes = frozenset({torch.float16, torch.bfloat16})
+    max_head_dim = 128
+    pad_head_dim_to = 8
+
+    def _extra_reasons(self, q):
+        out = _cuda_reasons("cudnn_sdp_enabled", (9, 0))
+        if not torch.backends.cudnn.is_available():
+            out.append("cuDNN is not available")
+        return out
+
+    def forward(self, q, k, v, causal, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )
+        return out, lse.reshape(q.shape[:3]), (lse.shape, cum_q, cum_k, max_q, max_k, seed, offset)
+
+    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            dout.contiguous(),
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            out.contiguous(),
+            lse.reshape(lse_shape).contiguous(),
+            seed,
+            offset,
+            None,
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            causal,
+            scale=scale,
+        )[:3]
+
+
+class FlashKernel(Kernel):
+    name = "flash"
+    dtypes = frozenset({torch.float16, torch.bfloat16})
+    max_head_dim = 256
+    pad_head_dim_to = 8
+
+    def _extra_reasons(self, q):
+        return _cuda_reasons("flash_sdp_enabled", (8, 0))
+
+    def forward(self, q, k, v, causal, scale):
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale
+        )
+        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        cum_q, cum_k, max_q, max_k, seed, offset = aux
+        return aten._scaled_dot_product_flash_attention_backward(
+            dout.contiguous(),
+            q,
+            k,
+            v,
+            out.contiguous(),
+            lse.contiguous(),
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            causal,
+            seed,
+            offset,
+            scale=scale,
+        )
+
+
+class CpuFlashKernel(Kernel):
+    name = "cpu_flash"
+    device_type = "cpu"
+    dtypes = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
+
+    def forward(self, q, k, v, causal, scale):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse, lse.dtype
+
+    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse.to(aux).contiguous(), 0.0, causal, scale=scale
+        )
+
+
+class MathKernel(Kernel):
+    """Exact reference arithmetic in fp32 (fp64 for fp64): any device, dtype and head dim."""
+
+    name = "math"
+    device_type = ""
+
+    def reasons(self, q):
+        return []
+
+    def max_batch(self, heads, q_len, k_len):
+        return max(1, _MATH_MAX_SCORES // max(1, heads * q_len * k_len))
+
+    @staticmethod
+    def _scores(q, k, causal, scale):
+        acc = lse_dtype(q.dtype)
+        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+        if causal:
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        return scores
+
+    def forward(self, q, k, v, causal, scale):
+        scores = self._scores(q, k, causal, scale)
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype), lse, None
+
+    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        acc = lse.dtype
+        probs = torch.exp(self._scores(q, k, causal, scale) - lse.unsqueeze(-1))
+        dout_ = dout.to(acc)
+        dv = torch.matmul(probs.transpose(-1, -2), dout_)
+        dp = torch.matmul(dout_, v.to(acc).transpose(-1, -2))
+        delta = (dout_ * out.to(acc)).sum(-1, keepdim=True)
+        ds = probs * (dp - delta) * scale
+        dq = torch.matmul(ds, k.to(acc))
+        dk = torch.matmul(ds.transpose(-1, -2), q.to(acc))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (CudnnKernel(), FlashKernel(), CpuFlashKernel(), MathKernel())}
+
+
+def kernel_reasons(q: torch.Tensor) -> dict[str, list[str]]:
+    """For every kernel, why it can't run ``q`` (empty list: it can)."""
+    return {name: kernel.reasons(q) for name, kernel in KERNELS.items()}
+
+
+def select_kernel(q: torch.Tensor) -> Kernel:
+    """The fastest kernel that accepts ``q``, or the one ``MOSAIC_KERNEL`` names."""
+    forced = os.environ.get("MOSAIC_KERNEL")
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"MOSAIC_KERNEL={forced!r} is not one of {list(KERNELS)}")
+        reasons = KERNELS[forced].reasons(q)
+        if reasons:
+            raise RuntimeError(f"MOSAIC_KERNEL={forced} can't run this input: {'; '.join(reasons)}")
+        return KERNELS[forced]
+    for kernel in KERNELS.values():
+        if not kernel.reasons(q):
+            return kernel
+    raise AssertionError("the math kernel accepts every input")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
+    return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+
+
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat grouped K/V heads to match the query heads (GQA/MQA)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _reduce_heads(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, h, s, d = grad.shape
+    return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, s, d).sum(2)
+
+
+def _chunks(batch: int, step: int) -> list[slice]:
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, KernelCall | None]:
+    """Attention of ``q`` over ``k, v``: ``(out, lse, call)``.
+
+    Args:
+        q: ``(B, H, L, d)``.
+        k, v: ``(B, Hkv, S, d)`` with ``H % Hkv == 0``.
+        causal: top-left causal mask (query row ``i`` sees key rows ``<= i``).
+        scale: softmax scale, default ``1/sqrt(d)``.
+
+    Returns:
+        ``out`` ``(B, H, L, d)`` in q's dtype, ``lse`` ``(B, H, L)`` in :func:`lse_dtype`
+        (``-inf`` where a row has no key), and the call record :func:`attention_backward` needs.
+    """
+    b, h, length, d = q.shape
+    scale = default_scale(d) if scale is None else scale
+    if length == 0 or k.shape[2] == 0:
+        out = q.new_zeros(q.shape)
+        return out, torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device), None
+    kernel = select_kernel(q)
+    width = _round_up(d, kernel.pad_head_dim_to)
+    qp, kp, vp = (_pad_last(t, width) for t in (q, _expand_heads(k, h), _expand_heads(v, h)))
+    step = kernel.max_batch(h, length, k.shape[2])
+    if step >= b:
+        out, lse, aux = kernel.forward(qp, kp, vp, causal, scale)
+        auxes: tuple[Any, ...] = (aux,)
+    else:
+        out = qp.new_empty(qp.shape)
+        lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
+        aux_list = []
+        for s in _chunks(b, step):
+            out[s], lse[s], aux = kernel.forward(qp[s], kp[s], vp[s], causal, scale)
+            aux_list.append(aux)
+        auxes = tuple(aux_list)
+    return out[..., :d], lse.to(lse_dtype(q.dtype)), KernelCall(kernel.name, auxes)
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    call: KernelCall | None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one block given the final ``out`` and ``lse`` of its query rows.
+
+    ``out`` and ``lse`` may merge this block with others: the result is then this
+    block's share of dq and its exact dk, dv.
+    """
+    b, h, length, d = q.shape
+    if call is None:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    scale = default_scale(d) if scale is None else scale
+    kernel = KERNELS[call.kernel]
+    width = _round_up(d, kernel.pad_head_dim_to)
+    qp, kp, vp, op, dop = (
+        _pad_last(t, width) for t in (q, _expand_heads(k, h), _expand_heads(v, h), out.to(q.dtype), dout.to(q.dtype))
+    )
+    if len(call.aux) == 1:
+        dq, dk, dv = kernel.backward(dop, qp, kp, vp, op, lse, call.aux[0], causal, scale)
+    else:
+        dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
+        step = kernel.max_batch(h, length, k.shape[2])
+        for s, aux in zip(_chunks(b, step), call.aux, strict=True):
+            dq[s], dk[s], dv[s] = kernel.backward(dop[s], qp[s], kp[s], vp[s], op[s], lse[s], aux, causal, scale)
+    kv_heads = k.shape[1]
+    return dq[..., :d], _reduce_heads(dk[..., :d], kv_heads), _reduce_heads(dv[..., :d], kv_heads)
