@@ -8,12 +8,14 @@ each team can depend on just what it uses.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import nox
+import tomllib
 
 ROOT = Path(__file__).parent
 # The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
@@ -41,10 +43,24 @@ PACKAGES = list_packages()
 CORE = next(p for p in PACKAGES if p.name == "mosaic-core")
 
 
+def local_dependencies(pkg: Package) -> list[Package]:
+    """The packages of this repo that ``pkg`` declares as dependencies (recursively), in install order."""
+    declared = tomllib.loads((pkg.path / "pyproject.toml").read_text())["project"].get("dependencies", [])
+    names = {re.split(r"[ <>=!\[;]", d, maxsplit=1)[0].strip() for d in declared}
+    out: list[Package] = []
+    for dep in PACKAGES:
+        if dep.name in names and dep is not pkg:
+            out += [p for p in (*local_dependencies(dep), dep) if p not in out]
+    return out
+
+
 def _install(session: nox.Session, *packages: Package) -> None:
     session.install(TORCH)
-    editable = [arg for p in (CORE, *packages) for arg in ("-e", str(p.path))]
-    session.install(*dict.fromkeys(editable))  # core first, once
+    ordered: list[Package] = []
+    for pkg in packages:
+        ordered += [p for p in (*local_dependencies(pkg), pkg) if p not in ordered]
+    # One pip call with every local path, so no dependency is looked up on the index.
+    session.install(*[arg for p in ordered for arg in ("-e", str(p.path))])
 
 
 @nox.session

@@ -9,6 +9,8 @@ hands that to the backend, and undoes the routing on the way out.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -47,6 +49,8 @@ class MultiAxisAttention(nn.Module):
         dropout: dropout on attention weights while training (``local`` only).
         layout: how the sharded axis is spread over ranks, ``"contiguous"`` or ``"zigzag"``
             (balanced causal ring); shard inputs with ``ctx.shard(x, dim, layout)``.
+        backend_options: settings for the backend (e.g. a composition's inner strategy),
+            handed to it as ``AttentionProblem.options``.
 
     With ``num_kv_heads`` unset, the parameters are those of ``nn.MultiheadAttention``
     (``in_proj_weight``, ``in_proj_bias``, ``out_proj.*``), so its checkpoints load.
@@ -64,6 +68,7 @@ class MultiAxisAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         layout: LayoutKind = "contiguous",
+        backend_options: Mapping[str, Any] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -84,6 +89,7 @@ class MultiAxisAttention(nn.Module):
         self.mesh_shape = None if mesh_shape is None else tuple(mesh_shape)
         self.dropout = dropout
         self.layout = layout
+        self.backend_options = dict(backend_options or {})
         self.set_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.grouped = num_kv_heads is not None
@@ -217,6 +223,7 @@ class MultiAxisAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             cross=kv is not None,
             mesh_shape=self.mesh_shape,
+            options=self.backend_options,
         )
         self.backend.check(problem)
         out = self.backend.attention(q, k, v, problem)

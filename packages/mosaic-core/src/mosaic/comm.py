@@ -1,16 +1,64 @@
 """Collectives the strategies share: uneven gathers, their autograd, and a P2P ring.
 
-Gathers and scatters here work along dim 2 of the canonical layout
-``(batch, heads, seq, head_dim)`` or along any dim given, and allow every rank
-its own length (a rank may contribute nothing: the key rows past ``kv_len``).
+Gathers and scatters work along any dim and allow every rank its own length
+(a rank may contribute nothing: the key rows past ``kv_len``).
+
+Every collective here reports to :func:`count_traffic`: the bytes that reach
+this rank, as the bandwidth-optimal algorithm moves them (an all-gather brings
+every other rank's rows; a reduce-scatter brings ``P - 1`` copies of this
+rank's rows; an all-to-all and a P2P receive bring what they receive), keyed
+by the global ranks of the group. Benchmarks use it to report measured
+communication per strategy.
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 from ._compat import all_gather_single, reduce_scatter_single
+
+
+class TrafficMeter:
+    """Bytes that reached this rank through Mosaic's collectives, by group (global ranks)."""
+
+    def __init__(self) -> None:
+        self.received: dict[tuple[int, ...], int] = defaultdict(int)
+
+    @property
+    def total(self) -> int:
+        return sum(self.received.values())
+
+
+_meters: list[TrafficMeter] = []
+
+
+@contextlib.contextmanager
+def count_traffic() -> Iterator[TrafficMeter]:
+    """Count the bytes Mosaic's collectives bring to this rank inside the block."""
+    meter = TrafficMeter()
+    _meters.append(meter)
+    try:
+        yield meter
+    finally:
+        _meters.remove(meter)
+
+
+def _record(group: dist.ProcessGroup, nbytes: int) -> None:
+    if _meters and nbytes:
+        key = tuple(dist.get_process_group_ranks(group))
+        for meter in _meters:
+            meter.received[key] += nbytes
+
+
+def _row_bytes(x: torch.Tensor) -> int:
+    """Bytes of one slice along dim 0."""
+    return math.prod(x.shape[1:]) * x.element_size()
 
 
 def _is_gloo(group: dist.ProcessGroup | None) -> bool:
@@ -28,6 +76,7 @@ def all_gather_uneven(x: torch.Tensor, sizes: list[int], dim: int, group: dist.P
     if x.shape[dim] != sizes[rank]:
         raise ValueError(f"rank {rank} holds {x.shape[dim]} rows along dim {dim}, expected {sizes[rank]}")
     x = x.movedim(dim, 0)
+    _record(group, (sum(sizes) - sizes[rank]) * _row_bytes(x))
     if len(set(sizes)) == 1 or _is_gloo(group):
         width = max(sizes)
         padded = x if x.shape[0] == width else torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
@@ -46,6 +95,7 @@ def reduce_scatter_uneven(x: torch.Tensor, sizes: list[int], dim: int, group: di
     """Sum ``x`` over ranks and give rank ``r`` rows ``[sum(sizes[:r]), sum(sizes[:r+1]))`` along ``dim``."""
     rank = dist.get_rank(group)
     x = x.movedim(dim, 0)
+    _record(group, (len(sizes) - 1) * sizes[rank] * _row_bytes(x))
     if len(set(sizes)) == 1:
         out = x.new_empty((sizes[rank], *x.shape[1:]))
         reduce_scatter_single(out, x.contiguous(), group=group)
@@ -109,6 +159,7 @@ def all_to_all_uneven(
     """Send rows ``split(send)[r]`` of ``x`` along ``dim`` to rank ``r``; concatenate what arrives."""
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((sum(recv), *x.shape[1:]))
+    _record(group, (sum(recv) - recv[dist.get_rank(group)]) * _row_bytes(out))
     dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group)
     return out.movedim(0, dim)
 
@@ -137,6 +188,7 @@ class RingComm:
             self._ops.append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.group))
         if recv is not None:
             self._ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
+            _record(self.group, recv.numel() * recv.element_size())
 
     def commit(self) -> None:
         if self._ops:

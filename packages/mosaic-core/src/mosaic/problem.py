@@ -8,7 +8,10 @@ the same clear error instead of a hang or a silently wrong result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +29,8 @@ class AttentionProblem:
     ``q_layout``/``kv_layout`` say which global positions along the attention
     dim each rank of ``group`` holds; ``kv_len`` keeps keys at global positions
     ``< kv_len`` only; ``causal`` lets query ``i`` see keys ``<= i``.
+    ``options`` carries backend-specific settings from the module
+    (``backend_options``), e.g. a composition's inner strategy.
     """
 
     batch: int
@@ -43,6 +48,7 @@ class AttentionProblem:
     dropout: float = 0.0
     cross: bool = False
     mesh_shape: tuple[int, ...] | None = None
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     context: Context | None = None
     group: dist.ProcessGroup | None = None
 
@@ -120,6 +126,7 @@ def build_problem(
     dropout: float = 0.0,
     cross: bool = False,
     mesh_shape: tuple[int, ...] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> AttentionProblem:
     """Describe an attention call; with a ``context`` the attention dim is sharded over its sp group."""
     b, h, length, d = q.shape
@@ -137,6 +144,7 @@ def build_problem(
         dropout=dropout,
         cross=cross,
         mesh_shape=mesh_shape,
+        options=MappingProxyType(dict(options or {})),
     )
     if context is None:
         _check_kv_len(kv_len, s)
