@@ -269,6 +269,7 @@ def compare_with_local(
     causal: bool = False,
     layout: str = "contiguous",
     mesh_shape: tuple[int, ...] | None = None,
+    backend_options: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
     reference_dtype: torch.dtype | None = None,
     seed: int = 0,
@@ -277,7 +278,8 @@ def compare_with_local(
 
     Call on every rank after :func:`mosaic.init`. The full input, the output
     gradient and the weights come from ``seed`` (identical on all ranks); the
-    input is sharded along ``attention_axis`` with ``layout``. ``kv_length`` makes
+    input is sharded along ``attention_axis`` with ``layout``; ``mesh_shape`` and
+    ``backend_options`` go to the module. ``kv_length`` makes
     it cross-attention from a source of that length. Errors (see
     :func:`_max_error`) are for the output (``out``), the input and kv gradients
     (``dx``, ``dkv``) and the parameter gradients summed over the sp group
@@ -297,6 +299,7 @@ def compare_with_local(
         mesh_shape=mesh_shape,
         num_kv_heads=num_kv_heads,
         layout=layout,
+        backend_options=backend_options,
     )
     state = mosaic.MultiAxisAttention(**make).state_dict()
     x_full = torch.randn(shape, device=device)
