@@ -168,6 +168,14 @@ class MultiAxisAttention(nn.Module):
             raise ValueError("attention_axis points at the last dim, which is embed; choose a token dim")
         return dim
 
+    def _check_dtype(self, x: torch.Tensor, name: str = "x") -> None:
+        weight = self.out_proj.weight
+        if x.dtype != weight.dtype or x.device.type != weight.device.type:
+            raise TypeError(
+                f"{name} is {x.dtype} on {x.device.type} but the module's parameters are {weight.dtype} on "
+                f"{weight.device.type}; move one to the other (module.to(...) or x.to(...))"
+            )
+
     def _project(self, xq: torch.Tensor, xkv: torch.Tensor | None):
         """q, k, v as ``(batch', heads, seq, head_dim)`` views of the projections."""
         b, length, _ = xq.shape
@@ -198,8 +206,10 @@ class MultiAxisAttention(nn.Module):
             causal: query ``i`` attends to keys ``j <= i`` (global positions).
         """
         dim = self._attention_dim(x)
+        self._check_dtype(x)
         if kv is not None:
             self._attention_dim(kv, "kv")
+            self._check_dtype(kv, "kv")
             if kv.dim() != x.dim() or any(
                 a != b for i, (a, b) in enumerate(zip(x.shape, kv.shape, strict=False)) if i != dim
             ):
