@@ -313,9 +313,10 @@ def compare_with_local(
         module.load_state_dict(state)
         module.to(device=device, dtype=run_dtype)
         place = (lambda t: ctx.shard(t, dim, layout)) if sharded else (lambda t: t)
-        x, grad = (place(t).to(run_dtype).contiguous() for t in (x_full, grad_full))
+        # Fresh leaves every run: x_full itself must never collect gradients.
+        x, grad = (place(t).to(run_dtype).detach().clone() for t in (x_full, grad_full))
         x.requires_grad_()
-        kv = None if kv_full is None else place(kv_full).to(run_dtype).contiguous().requires_grad_()
+        kv = None if kv_full is None else place(kv_full).to(run_dtype).detach().clone().requires_grad_()
         y = module(x, kv, kv_len=kv_len, causal=causal)
         y.backward(grad)
         gather = (lambda t: ctx.unshard(t, dim, layout)) if sharded else (lambda t: t)

@@ -1,0 +1,121 @@
+"""GPU correctness of every installed strategy, under torchrun with NCCL.
+
+    torchrun --nproc_per_node=4 tests/gpu/check_backends.py [--out DIR]
+
+For each backend, dtype (bf16, fp16) and case, the sharded run is compared
+with the unsharded ``local`` run in fp32 (output, input gradients, parameter
+gradients summed over the sp group), next to the same errors of the
+single-GPU ``local`` run in that dtype. A case passes when the sharded error
+is at most ``SLACK`` x the single-GPU error (plus a small floor): sharding must
+not make bf16 worse. Prints a table on rank 0, writes JSON, exits 1 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import mosaic
+from mosaic.testing import compare_with_local
+
+SLACK = 1.5
+FLOOR = 2e-3
+
+
+def _configs(world: int) -> list[tuple[str, dict]]:
+    """(label, kwargs for compare_with_local) per strategy that this world size can run."""
+    half = max(1, world // 2)
+    configs = [
+        ("ring", dict(backend="ring")),
+        ("allgather", dict(backend="allgather")),
+        ("mesh2d", dict(backend="mesh2d", mesh_shape=(2, half) if world >= 2 else (1, 1))),
+        ("ulysses", dict(backend="ulysses")),
+        (
+            "composed(2,s) ring",
+            dict(backend="composed", mesh_shape=(2, half), backend_options={"seq_parallel": "ring"}),
+        ),
+    ]
+    if world >= 4:
+        for inter, intra in (("ring", "ring"), ("ring", "allgather"), ("allgather", "ring")):
+            options = {"intra_node_size": 2, "inter_node_strategy": inter, "intra_node_strategy": intra}
+            configs.append((f"hierarchical {inter}/{intra}", dict(backend="hierarchical", backend_options=options)))
+    return configs
+
+
+def _cases(length: int) -> list[tuple[str, dict]]:
+    """nanoTabPFN's attention (embed 96, 4 heads of 24) over a length no group size divides."""
+    shape = (2, length, 3, 96)
+    return [
+        ("self", dict(shape=shape, attention_axis=1)),
+        ("axis 2", dict(shape=(2, 3, length, 96), attention_axis=2)),
+        ("kv_len", dict(shape=shape, attention_axis=1, kv_len=length // 2 - 3)),
+        ("causal", dict(shape=shape, attention_axis=1, causal=True)),
+        ("gqa", dict(shape=shape, attention_axis=1, num_kv_heads=2)),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--length", type=int, default=2051, help="global length of the attention dim")
+    args = parser.parse_args()
+    ctx = mosaic.init(sp_size=int(os.environ.get("WORLD_SIZE", "1")))
+    rows, failed = [], 0
+    for label, config in _configs(ctx.sp_size):
+        backend = config["backend"]
+        try:
+            mosaic.get_backend(backend)
+        except mosaic.BackendUnavailable as exc:
+            rows.append({"backend": label, "case": "-", "status": f"skipped: {exc}"[:120]})
+            continue
+        for case, kwargs in _cases(args.length):
+            if case == "causal" and backend == "ring":
+                kwargs = {**kwargs, "layout": "zigzag"}
+            for dtype in (torch.bfloat16, torch.float16):
+                row = {"backend": label, "case": case, "dtype": str(dtype)[6:]}
+                try:
+                    errors = compare_with_local(
+                        **config, **kwargs, dtype=dtype, reference_dtype=torch.float32, seed=len(rows)
+                    )
+                except mosaic.BackendNotSupported as exc:
+                    row["status"] = "unsupported: " + str(exc).splitlines()[-1].strip()
+                    rows.append(row)
+                    continue
+                worst = max(
+                    errors[key] / (SLACK * errors[f"local_{key}"] + FLOOR)
+                    for key in errors
+                    if not key.startswith("local_")
+                )
+                row.update(errors, ratio=worst, status="ok" if worst <= 1 else "FAIL")
+                failed += worst > 1
+                rows.append(row)
+    if ctx.rank == 0:
+        print(
+            f"{'backend':28s} {'case':8s} {'dtype':9s} {'out':>9s} {'local':>9s} {'dx':>9s} {'local':>9s} "
+            f"{'params':>9s} {'local':>9s}  status"
+        )
+        for r in rows:
+            if "out" not in r:
+                print(f"{r['backend']:28s} {r['case']:8s} {r.get('dtype', ''):9s} {r['status']}")
+                continue
+            print(
+                f"{r['backend']:28s} {r['case']:8s} {r['dtype']:9s} {r['out']:9.2e} {r['local_out']:9.2e} "
+                f"{r['dx']:9.2e} {r['local_dx']:9.2e} {r['params']:9.2e} {r['local_params']:9.2e}  {r['status']}"
+            )
+        name = f"gpu_check_P{ctx.sp_size}.json"
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        with open(os.path.join(args.out, name), "w") as f:
+            json.dump({"device": device, "torch": torch.__version__, "world": ctx.sp_size, "rows": rows}, f, indent=1)
+        print(f"{failed} failed; wrote {name}")
+    dist.barrier()
+    mosaic.shutdown()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
