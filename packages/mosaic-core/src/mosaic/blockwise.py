@@ -223,6 +223,7 @@ class SpanAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pieces: list[Piece], scale: float):
+        q = q.contiguous()  # projections hand over strided views; kernels want rows contiguous
         out, lse, calls = forward(q, k, v, pieces, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -232,7 +233,7 @@ class SpanAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(dout, q, k, v, out, lse, ctx.pieces, ctx.calls, ctx.scale)
+        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.pieces, ctx.calls, ctx.scale)
         return dq, dk, dv, None, None
 
 

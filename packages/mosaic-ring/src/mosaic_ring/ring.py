@@ -50,6 +50,7 @@ def _origins(p: AttentionProblem) -> list[int]:
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, p: AttentionProblem):
+        q = q.contiguous()  # once here, not in every step's kernel call
         blocks = [p.kv_block(r) for r in range(p.size)]
         origins = _origins(p)
         comm = RingComm(p.group)
@@ -80,6 +81,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
         p: AttentionProblem = ctx.problem
         blocks = [p.kv_block(r) for r in range(p.size)]
         origins = _origins(p)
