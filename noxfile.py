@@ -80,8 +80,11 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *paths, *session.posargs)
 
 
+_PACKAGE_NAMES = [p.name for p in PACKAGES]
+
+
 @nox.session
-@nox.parametrize("package", [p.name for p in PACKAGES if p is not CORE] + ["mosaic-core"])
+@nox.parametrize("package", _PACKAGE_NAMES, ids=_PACKAGE_NAMES)
 def package(session: nox.Session, package: str) -> None:
     """One package with only mosaic-core (and what it declares): import smoke test and its tests."""
     pkg = next(p for p in PACKAGES if p.name == package)

@@ -229,7 +229,7 @@ def init(
         dist.init_process_group(backend, timeout=timeout, **kwargs)
         owns = True
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows = _sp_rows(world, sp_size, mesh, sp_group)
+    rows = _sp_rows(world, sp_size, mesh, sp_group, device)
     try:
         ctx = _build(device, rank, world, rows, timeout, owns)
     except BaseException:
@@ -252,7 +252,21 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
-def _sp_rows(world: int, sp_size: int | None, mesh: DeviceMesh | None, sp_group) -> torch.Tensor:
+def _gather_groups(mine: list[int], world: int, device: torch.device) -> torch.Tensor:
+    """Every rank's sp group (a tensor collective: object collectives would need numpy)."""
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    all_gather_single(sizes, torch.tensor([len(mine)], device=device))
+    if len(set(sizes.tolist())) != 1:
+        raise ValueError(f"the sp groups passed on the ranks differ in size: {sizes.tolist()}")
+    every = torch.empty(world * len(mine), dtype=torch.int64, device=device)
+    all_gather_single(every, torch.tensor(mine, device=device))
+    rows = torch.unique(every.view(world, len(mine)).cpu(), dim=0)
+    if rows.numel() != world or sorted(rows.flatten().tolist()) != list(range(world)):
+        raise ValueError("the sp groups passed on the ranks do not partition the world")
+    return rows
+
+
+def _sp_rows(world: int, sp_size: int | None, mesh: DeviceMesh | None, sp_group, device: torch.device) -> torch.Tensor:
     """The rank grid ``(dp, sp)``: row ``i`` lists the global ranks of one sp group."""
     if mesh is not None:
         names = mesh.mesh_dim_names or ()
@@ -263,12 +277,7 @@ def _sp_rows(world: int, sp_size: int | None, mesh: DeviceMesh | None, sp_group)
         if rows.numel() != world:
             raise ValueError(f"the mesh covers {rows.numel()} ranks but the world has {world}")
     elif sp_group is not None:
-        mine = dist.get_process_group_ranks(sp_group)
-        every: list[list[int]] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(every, mine)
-        rows = torch.tensor(sorted({tuple(r) for r in every}))
-        if rows.numel() != world:
-            raise ValueError("the sp groups passed on the ranks do not partition the world")
+        rows = _gather_groups(dist.get_process_group_ranks(sp_group), world, device)
     else:
         sp = 1 if sp_size is None else sp_size
         if sp < 1 or world % sp != 0:
