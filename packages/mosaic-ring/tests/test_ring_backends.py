@@ -27,6 +27,8 @@ CASES = [
     ("causal kv_len zigzag", (1, 14, 2, 16), 1, {"causal": True, "layout": "zigzag", "kv_len": 9}),
     ("causal kv_len", (1, 14, 2, 16), 1, {"causal": True, "kv_len": 5}),
     ("5-D axis 3", (2, 2, 3, 10, 16), 3, {}),
+    ("fewer rows than ranks", (1, 2, 2, 16), 1, {}),
+    ("fewer rows than ranks causal", (1, 2, 2, 16), 1, {"causal": True, "layout": "zigzag"}),
 ]
 
 

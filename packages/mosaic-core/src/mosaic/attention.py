@@ -25,7 +25,8 @@ from .registry import get_backend
 def _fold(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Size]:
     """``(batch', seq, embed)`` with every dim but ``dim`` and embed folded into ``batch'``."""
     moved = x.movedim(dim, -2)
-    return moved.reshape(-1, *moved.shape[-2:]), moved.shape[:-2]
+    # An explicit batch size: a rank may hold no rows of the attention dim (N < P).
+    return moved.reshape(math.prod(moved.shape[:-2]), *moved.shape[-2:]), moved.shape[:-2]
 
 
 def _unfold(y: torch.Tensor, batch_shape: torch.Size, dim: int) -> torch.Tensor:

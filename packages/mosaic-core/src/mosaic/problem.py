@@ -71,7 +71,10 @@ class AttentionProblem:
             stop = b if self.kv_len is None else min(b, self.kv_len)
             if stop > a:
                 spans.append((a, stop))
-                rows.append(slice(row, row + stop - a))
+                if rows and rows[-1].stop == row:  # adjacent rows: one slice, so take() is a view
+                    rows[-1] = slice(rows[-1].start, row + stop - a)
+                else:
+                    rows.append(slice(row, row + stop - a))
             row += b - a
         return KeyBlock(tuple(spans), tuple(rows))
 

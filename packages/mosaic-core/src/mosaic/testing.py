@@ -248,7 +248,7 @@ def mha_reference(
     return out.reshape(*batch_shape, *out.shape[-2:]).movedim(-2, dim)
 
 
-def _max_error(got: torch.Tensor | None, want: torch.Tensor | None) -> float:
+def max_error(got: torch.Tensor | None, want: torch.Tensor | None) -> float:
     """Largest absolute difference, relative to the reference's largest magnitude (at least 1)."""
     if got is None or want is None:
         return 0.0 if got is None and want is None else float("inf")
@@ -281,7 +281,7 @@ def compare_with_local(
     input is sharded along ``attention_axis`` with ``layout``; ``mesh_shape`` and
     ``backend_options`` go to the module. ``kv_length`` makes
     it cross-attention from a source of that length. Errors (see
-    :func:`_max_error`) are for the output (``out``), the input and kv gradients
+    :func:`max_error`) are for the output (``out``), the input and kv gradients
     (``dx``, ``dkv``) and the parameter gradients summed over the sp group
     (``params``). With ``reference_dtype`` the reference runs in that precision
     and the errors of ``local`` in ``dtype`` come back too (``local_*``): the
@@ -329,9 +329,9 @@ def compare_with_local(
 
     def errors(got, want, prefix: str = "") -> dict[str, float]:
         out = {
-            f"{prefix}{key}": _max_error(got[key], want[key]) for key in ("out", "dx", "dkv") if want[key] is not None
+            f"{prefix}{key}": max_error(got[key], want[key]) for key in ("out", "dx", "dkv") if want[key] is not None
         }
-        out[f"{prefix}params"] = max(_max_error(got[k], want[k]) for k in want if k.startswith("param:"))
+        out[f"{prefix}params"] = max(max_error(got[k], want[k]) for k in want if k.startswith("param:"))
         return out
 
     got = run(backend, dtype, sharded=True)
