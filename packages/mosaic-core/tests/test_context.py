@@ -142,3 +142,28 @@ def _lost_peer_times_out() -> str:
 
 def test_lost_peer_raises_instead_of_hanging():
     assert run_distributed(_lost_peer_times_out, 2, timeout=60)[0].startswith("raised")
+
+
+def _grids():
+    ctx = mosaic.init(sp_size=4)
+    grid = ctx.grid((2, 2), ("outer", "inner"))
+    inner = grid.group("inner")
+    split = ctx.grid((2, 1), ("x", "y"), group=inner)  # a grid of one mesh axis's group
+    return (
+        grid.coords,
+        dist.get_process_group_ranks(grid.group("outer")),
+        dist.get_process_group_ranks(inner),
+        split.coords,
+        dist.get_process_group_ranks(split.group("x")),
+        ctx.grid((2, 2), ("outer", "inner")) is grid,
+    )
+
+
+def test_grids_of_the_sp_group_and_of_its_subgroups():
+    results = run_distributed(_grids, 4)
+    assert [r[0] for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [r[1] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r[2] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r[3] for r in results] == [(0, 0), (1, 0), (0, 0), (1, 0)]
+    assert [r[4] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert all(r[5] for r in results)

@@ -94,25 +94,34 @@ class Context:
         """Every sp rank's value of the integer ``local`` (over the CPU metadata group)."""
         return exchange_ints(self, [local])[:, 0].tolist()
 
-    def grid(self, shape: tuple[int, ...], names: tuple[str, ...]) -> Grid:
-        """Split the sp group into a row-major grid (cached; collective over the world on first use).
+    def grid(self, shape: tuple[int, ...], names: tuple[str, ...], group: dist.ProcessGroup | None = None) -> Grid:
+        """Split ``group`` (default: the sp group) into a row-major grid of ``shape``.
 
-        Every rank of the world must ask for the same grids in the same order,
-        which SPMD programs do: the first forward of a module builds its grid.
+        ``group`` may be any group that every rank of the world holds one of,
+        such as one mesh axis of a grid made here (a composition hands its
+        sequence group to an inner strategy this way). Cached; collective over
+        the world on first use, so every rank must ask for the same grids in
+        the same order, which SPMD programs do: the first forward of a module
+        builds its grid.
         """
         shape = tuple(int(s) for s in shape)
-        key = (shape, tuple(names))
+        whole = group is None or group is self.sp_group
+        members = None if whole or self.rank_grid is None else tuple(dist.get_process_group_ranks(group))
+        key = (shape, tuple(names), members)
         if key in self._grids:
             return self._grids[key]
+        size, rank = (self.sp_size, self.sp_rank) if members is None else (len(members), dist.get_rank(group))
         if len(shape) != len(names):
             raise ValueError(f"grid shape {shape} and names {names} differ in length")
-        if _prod(shape) != self.sp_size:
-            raise ValueError(f"grid shape {shape} has {_prod(shape)} ranks but the sp group has {self.sp_size}")
-        coords = tuple(int(c) for c in torch.tensor(range(self.sp_size)).view(shape).eq(self.sp_rank).nonzero()[0])
+        if _prod(shape) != size:
+            raise ValueError(f"grid shape {shape} has {_prod(shape)} ranks but the group to split has {size}")
+        coords = tuple(int(c) for c in torch.tensor(range(size)).view(shape).eq(rank).nonzero()[0])
         if self.rank_grid is None:
             groups: tuple = (None,) * len(shape)
         else:
-            cube = self.rank_grid.view(-1, *shape)
+            # Every rank's copy of the group, so that all of them create the same groups in the same order.
+            lines = self.rank_grid if members is None else _gather_groups(list(members), self.world_size, self.device)
+            cube = lines.view(-1, *shape)
             groups = tuple(
                 _groups_along(cube, axis + 1, self.rank, self.timeout, self.device, self.created_groups)
                 for axis in range(len(shape))

@@ -33,9 +33,12 @@ def check_mesh_shape(mesh_shape: tuple[int, ...] | None) -> tuple[int, int]:
     return mesh_shape[0], mesh_shape[1]
 
 
-def mesh_groups(ctx: Context, mesh_shape: tuple[int, int]) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
-    """``(row_group, col_group)`` of this rank (created collectively on first use, then cached)."""
-    grid = ctx.grid(mesh_shape, ("row", "col"))
+def mesh_groups(
+    ctx: Context, mesh_shape: tuple[int, int], group: dist.ProcessGroup | None = None
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """``(row_group, col_group)`` of this rank in ``group`` (default the sp group; created collectively
+    on first use, then cached)."""
+    grid = ctx.grid(mesh_shape, ("row", "col"), group)
     i, j = grid.coords
     # The ranks that differ only in their column index make up row i.
     row_group, col_group = grid.group("col"), grid.group("row")

@@ -72,8 +72,6 @@ class Mesh2DBackend(Backend):
                         f"mesh_shape {tuple(p.mesh_shape)} has {rows * cols} ranks but the sp group has {p.size}; "
                         f"choose (R, C) with R * C = {p.size}"
                     )
-        if p.context is not None and p.group is not p.context.sp_group:
-            reasons.append("the mesh splits the context's sp group; this problem runs on another group")
         if p.causal and p.q_layout.kind == "grid":
             reasons.append(
                 "causal=True over a 2-D grid (MultiAxisAttention2D) is not supported: a raster-order causal mask "
@@ -104,7 +102,7 @@ class Tile:
     def of(cls, p: AttentionProblem) -> Tile:
         rows, cols = check_mesh_shape(p.mesh_shape)
         i, j = divmod(p.rank, cols)
-        row_group, col_group = mesh_groups(p.context, (rows, cols))
+        row_group, col_group = mesh_groups(p.context, (rows, cols), p.group)
         q_ranks = [i * cols + c for c in range(cols)]
         blocks = [p.kv_block(r * cols + j) for r in range(rows)]
         q_sizes = tuple(p.q_layout.lengths[r] for r in q_ranks)
