@@ -12,6 +12,7 @@ log-sum-exp; :func:`backward` runs the matching kernel backwards.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -69,14 +70,18 @@ def plan(
         return _coalesce(
             [Piece(slice(qr, qr + qb - qa), slice(kr, kr + kb - ka)) for qa, qb, qr in q_rows for ka, kb, kr in k_rows]
         )
-    if [(a, b) for a, b, _ in q_rows] == [(a, b) for a, b, _ in k_rows]:
-        # Same positions in the same order: one top-left causal block.
+    if [(a, b) for a, b, _ in q_rows] == [(a, b) for a, b, _ in k_rows] and _ascending(q_rows):
+        # Same positions in the same ascending order: one top-left causal block.
         return [Piece(slice(0, n_q), slice(0, n_q), causal=True)]
     pieces: list[Piece] = []
     for qa, qb, qr in q_rows:
         for ka, kb, kr in k_rows:
             pieces.extend(_causal_pair(qa, qb, qr, ka, kb, kr))
     return _coalesce(pieces)
+
+
+def _ascending(rows: list[tuple[int, int, int]]) -> bool:
+    return all(b <= a2 for (_, b, _), (a2, _, _) in itertools.pairwise(rows))
 
 
 def _causal_pair(qa: int, qb: int, qr: int, ka: int, kb: int, kr: int) -> list[Piece]:

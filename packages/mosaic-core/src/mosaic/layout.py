@@ -43,14 +43,22 @@ class SeqLayout:
     Args:
         lengths: local length on each rank, in group-rank order.
         kind: ``"contiguous"`` or ``"zigzag"``.
+        rank_spans: explicit spans per rank (:meth:`from_spans`), for layouts that
+            derive from others, e.g. the union of a head group's positions inside a
+            composition; ``kind`` then names the layout they derive from.
     """
 
     lengths: tuple[int, ...]
     kind: LayoutKind = "contiguous"
+    rank_spans: tuple[tuple[Span, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         check_layout(self.kind)
-        if self.kind == "zigzag":
+        if self.rank_spans is not None:
+            held = tuple(sum(b - a for a, b in spans) for spans in self.rank_spans)
+            if held != self.lengths:
+                raise ValueError(f"lengths {list(self.lengths)} differ from the rows of the spans {list(held)}")
+        elif self.kind == "zigzag":
             expected = _zigzag_lengths(self.total, self.size)
             if self.lengths != expected:
                 raise ValueError(
@@ -67,6 +75,12 @@ class SeqLayout:
             return cls(tuple(split_sizes(total, size)), kind)
         return cls(_zigzag_lengths(total, size), kind)
 
+    @classmethod
+    def from_spans(cls, rank_spans: list[tuple[Span, ...]], kind: LayoutKind = "contiguous") -> SeqLayout:
+        """A layout given rank by rank; each rank's spans ascend in position."""
+        spans = tuple(tuple(s) for s in rank_spans)
+        return cls(tuple(sum(b - a for a, b in s) for s in spans), kind, spans)
+
     @property
     def size(self) -> int:
         return len(self.lengths)
@@ -77,6 +91,8 @@ class SeqLayout:
 
     def spans(self, rank: int) -> tuple[Span, ...]:
         """Global position spans held by ``rank``, in local order (empty spans dropped)."""
+        if self.rank_spans is not None:
+            return self.rank_spans[rank]
         if self.kind == "contiguous":
             start = sum(self.lengths[:rank])
             spans: tuple[Span, ...] = ((start, start + self.lengths[rank]),)

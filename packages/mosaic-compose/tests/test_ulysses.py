@@ -1,0 +1,111 @@
+"""ulysses against local on the unsharded tensor, its communication volume, and its errors."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+
+import mosaic
+from mosaic.comm import count_traffic
+from mosaic.context import Context
+from mosaic.layout import SeqLayout
+from mosaic.problem import AttentionProblem
+from mosaic.testing import compare_with_local, run_distributed
+from mosaic_compose import HeadExchange, UlyssesBackend
+
+TOL = 1e-5
+
+# (name, shape, attention_axis, extra kwargs); 4 heads of dim 4 unless given.
+CASES = [
+    ("self axis1", (2, 12, 3, 16), 1, {}),
+    ("self axis2", (2, 3, 12, 16), 2, {}),
+    ("uneven", (2, 11, 3, 16), 1, {}),
+    ("fewer rows than ranks", (2, 3, 2, 16), 1, {"causal": True}),
+    ("kv_len", (2, 13, 3, 16), 1, {"kv_len": 6}),
+    ("kv_len one", (1, 9, 2, 16), 1, {"kv_len": 1}),
+    ("cross kv_len", (2, 10, 3, 16), 1, {"kv_length": 9, "kv_len": 5}),
+    ("gqa", (2, 12, 2, 32), 1, {"num_heads": 8, "num_kv_heads": 4}),
+    ("gqa cross", (1, 10, 2, 32), 1, {"num_heads": 8, "num_kv_heads": 4, "kv_length": 7}),
+    ("causal uneven", (1, 11, 2, 16), 1, {"causal": True}),
+    ("causal zigzag uneven", (1, 13, 2, 16), 1, {"causal": True, "layout": "zigzag"}),
+    ("causal kv_len zigzag", (1, 14, 2, 16), 1, {"causal": True, "layout": "zigzag", "kv_len": 9}),
+    ("5-D axis 3", (2, 2, 3, 10, 16), 3, {}),
+]
+
+
+def _all_cases(world: int) -> dict[str, dict[str, float]]:
+    mosaic.init(sp_size=world)
+    return {name: compare_with_local("ulysses", shape, axis, **kw) for name, shape, axis, kw in CASES}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_matches_local(world: int) -> None:
+    results = run_distributed(_all_cases, world, world)
+    for rank, per_case in enumerate(results):
+        for name, errors in per_case.items():
+            assert max(errors.values()) < TOL, f"ulysses P={world} rank {rank} {name}: {errors}"
+
+
+def _forward_traffic(kv_len: int | None) -> int:
+    ctx = mosaic.init(sp_size=4)
+    module = mosaic.MultiAxisAttention(16, 4, 1, backend="ulysses")
+    x = ctx.shard(torch.randn(2, 16, 16), 1)
+    with count_traffic() as meter, torch.no_grad():
+        module(x, kv_len=kv_len)
+    return meter.total
+
+
+@pytest.mark.parametrize("kv_len", [None, 8])
+def test_forward_traffic(kv_len: int | None) -> None:
+    # P = 4, batch 2, N = 16 (4 rows a rank), H = 4, d = 4, fp32: each all-to-all
+    # brings (P - 1) foreign rows (or kept key rows) of one head.
+    row = 2 * 1 * 4 * 4  # batch x heads/P x head_dim x bytes
+    if kv_len is None:
+        expected = [3 * 4 * row * 3 + 3 * 4 * row] * 4  # q, k, v in one all-to-all; the output back
+    else:
+        # Keys below 8 sit on ranks 0 and 1: each rank receives those the other ranks hold.
+        kv_in = [4 * 2 * row, 4 * 2 * row, 8 * 2 * row, 8 * 2 * row]
+        expected = [3 * 4 * row * 2 + kv for kv in kv_in]
+    assert run_distributed(_forward_traffic, 4, kv_len) == expected
+
+
+def _problem(heads: int, kv_heads: int, size: int) -> AttentionProblem:
+    context = Context(torch.device("cpu"), 0, size, 0, size, None, 0, 1, None, None, timedelta(seconds=1))
+    return AttentionProblem(
+        batch=1,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        q_layout=SeqLayout.even(16, size),
+        kv_layout=SeqLayout.even(16, size),
+        rank=0,
+        causal=False,
+        kv_len=None,
+        scale=1.0,
+        context=context,
+    )
+
+
+def test_heads_must_divide_by_the_group() -> None:
+    backend = UlyssesBackend()
+    assert backend.not_supported_reasons(_problem(8, 4, 4)) == []
+    (reason,) = backend.not_supported_reasons(_problem(6, 6, 4))
+    assert "heads 6 and kv heads 6 not divisible by the 4 ranks" in reason
+    assert "backend='composed' with mesh_shape=(h, s)" in reason
+    (reason,) = backend.not_supported_reasons(_problem(8, 2, 4))
+    assert "kv heads 2 not divisible" in reason and "heads 8" not in reason
+
+
+def test_exchange_positions_are_the_sorted_union() -> None:
+    # Zigzag over 2 ranks: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2; together, everything.
+    layout = SeqLayout.even(8, 2, "zigzag")
+    exchange = HeadExchange(None, 0, [layout.spans(0), layout.spans(1)])
+    assert exchange.positions == ((0, 8),)
+    assert exchange.rows == [4, 4]
+    uneven = HeadExchange(None, 0, [((4, 7),), (), ((0, 2), (9, 10))])
+    assert uneven.positions == ((0, 2), (4, 7), (9, 10))
+    assert uneven.rows == [3, 0, 3]
