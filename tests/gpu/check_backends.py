@@ -63,11 +63,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--length", type=int, default=2051, help="global length of the attention dim")
+    parser.add_argument("--backends", nargs="*", default=None, help="only these backends (default: all installed)")
     args = parser.parse_args()
     ctx = mosaic.init(sp_size=int(os.environ.get("WORLD_SIZE", "1")))
     rows, failed = [], 0
     for label, config in _configs(ctx.sp_size):
         backend = config["backend"]
+        if args.backends is not None and backend not in args.backends:
+            continue
         try:
             mosaic.get_backend(backend)
         except mosaic.BackendUnavailable as exc:
