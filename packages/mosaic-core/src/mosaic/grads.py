@@ -21,7 +21,9 @@ def reduce_gradients(module: nn.Module, context: Context | None = None, *, avera
     Call it after ``loss.backward()`` and before ``optimizer.step()``, where
     each sp rank's ``loss`` is its share of the replica's loss (e.g. the sum of
     its rows' terms divided by the global row count). Gradients are flattened
-    into one buffer per dtype so each group sees one collective.
+    into one buffer per dtype so each group sees one collective, and summed in
+    fp32 (fp64 stays fp64): a bf16 sum of P partial gradients would add an
+    error that grows with P.
     """
     ctx = context or get_context()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -37,8 +39,8 @@ def reduce_gradients(module: nn.Module, context: Context | None = None, *, avera
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
-    for same in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in same])
+    for dtype, same in by_dtype.items():
+        flat = torch.cat([g.reshape(-1) for g in same]).to(torch.promote_types(dtype, torch.float32))
         for group, scale in steps:
             dist.all_reduce(flat, group=group)
             if scale != 1.0:
