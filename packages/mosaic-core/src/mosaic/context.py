@@ -252,6 +252,9 @@ def init(
 def _pick_device(device: torch.device | str | None) -> torch.device:
     if device is not None:
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # A bare "cuda" means this process's GPU, not GPU 0 for everyone.
+            device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
     elif torch.cuda.is_available():
         device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
     else:
