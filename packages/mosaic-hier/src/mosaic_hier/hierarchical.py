@@ -1,0 +1,270 @@
+"""Two-level attention: an outer strategy over the rails, an inner one within each node.
+
+Rank ``(n, l)`` owns key block ``B(n, l)`` (its rows below ``kv_len``). The
+outer level decides what each rank *holds* at each outer step:
+
+- ``ring``: ``nodes`` steps; at step ``j`` rank ``(n, l)`` holds
+  ``B(n - j, l)``, which came over its rail from ``(n - 1, l)``, and passes it
+  on to ``(n + 1, l)`` while the step runs (double-buffered).
+- ``allgather``: one step; every rank holds ``B(0..nodes-1, l)``, gathered
+  over its rail.
+
+The inner level makes every rank of the node attend its queries to what the
+whole node holds at that step:
+
+- ``ring``: the ``L`` holdings rotate around the node, double-buffered.
+- ``allgather``: the holdings are gathered within the node.
+
+ring/ring is LoongTrain's double ring: the next block crosses between nodes
+while the inner ring runs, and partial results merge with their log-sum-exp
+(fp32). After the outer steps every rank has seen every key block once.
+
+Backward runs the same schedule. The inner level returns the gradient of what
+this rank holds (the inner ring carries fp32 dK/dV accumulators back to their
+holder; the inner all-gather reduce-scatters them); the outer ring carries
+that accumulator along the rail to the block's owner, the outer all-gather
+reduce-scatters it. Inner all-gathers are repeated in backward under an outer
+ring (keeping them would cost O(N) memory) and kept under an outer all-gather.
+
+``kv_len``: only rows below it exist in the blocks; an empty holding is
+neither sent nor computed. Causal: :func:`mosaic.blockwise.plan` gives exact
+pieces for any spans; balance comes from the zigzag layout over the whole sp
+group, under which every (query rank, key rank) pair costs the same, so every
+step of either level is balanced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mosaic.blockwise import Piece, backward_, empty_partial, merge_, plan
+from mosaic.blockwise import forward as block_forward
+from mosaic.comm import RingComm, all_gather_uneven, reduce_scatter_uneven
+from mosaic.kernels import KernelCall, lse_dtype
+from mosaic.layout import Span
+from mosaic.problem import AttentionProblem
+
+from .options import HierOptions
+from .topology import Topology
+
+# K and V travel stacked as (2, batch, kv_heads, rows, head_dim); rows are dim 3.
+ROWS = 3
+
+Step = tuple[list[Piece], list[KernelCall | None]]
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Key positions a rank holds at one outer step, in local row order."""
+
+    spans: tuple[Span, ...]
+    size: int
+
+
+def holdings(p: AttentionProblem, topo: Topology, inter: str) -> list[list[Holding]]:
+    """For each outer step, what each local rank of this node holds (indexed by local rank)."""
+    blocks = [p.kv_block(r) for r in range(p.size)]
+
+    def rail(local_rank: int, nodes: list[int]) -> Holding:
+        parts = [blocks[topo.rank_of(node, local_rank)] for node in nodes]
+        return Holding(tuple(s for b in parts for s in b.spans), sum(b.size for b in parts))
+
+    if inter == "allgather":
+        return [[rail(lr, list(range(topo.nodes))) for lr in range(topo.local)]]
+    return [[rail(lr, [(topo.node - j) % topo.nodes]) for lr in range(topo.local)] for j in range(topo.nodes)]
+
+
+def _empty(like: torch.Tensor, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A K/V-shaped buffer of ``rows`` rows."""
+    return like.new_empty((*like.shape[:ROWS], rows, *like.shape[ROWS + 1 :]), dtype=dtype)
+
+
+def _sendable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` for a P2P op, or ``None`` when it has no rows (then neither side posts the op)."""
+    return t if t is not None and t.shape[ROWS] else None
+
+
+def _attend(p: AttentionProblem, q, kv, spans, out, lse) -> Step:
+    """Fold the local queries' attention to ``kv`` (at ``spans``) into ``out``/``lse``."""
+    pieces = plan(p.q_spans, spans, causal=p.causal) if kv.shape[ROWS] else []
+    calls: list[KernelCall | None] = []
+    if pieces:
+        block_out, block_lse, calls = block_forward(q, kv[0], kv[1], pieces, p.scale)
+        merge_(out, lse, block_out, block_lse)
+    return pieces, calls
+
+
+def _attend_backward(p: AttentionProblem, dout, q, out, lse, kv, step: Step, dq) -> torch.Tensor:
+    """Add this step's dQ into ``dq``; return dK/dV of ``kv`` (fp32, stacked)."""
+    grad = torch.zeros(kv.shape, dtype=dq.dtype, device=kv.device)
+    pieces, calls = step
+    if pieces:
+        backward_(dout, q, kv[0], kv[1], out, lse, pieces, calls, p.scale, dq, grad[0], grad[1])
+    return grad
+
+
+class _NodeGather:
+    """Inner all-gather: gather what the node holds, attend to it, reduce-scatter dK/dV back."""
+
+    def __init__(self, p: AttentionProblem, topo: Topology, keep: bool):
+        self.p, self.topo, self.keep = p, topo, keep
+
+    def forward(self, q, held, node: list[Holding], out, lse) -> tuple[list[Step], torch.Tensor | None]:
+        """Merge the node's holdings into ``out``/``lse``; return what backward needs."""
+        sizes = [h.size for h in node]
+        if not sum(sizes):
+            return [([], [])], None
+        kv = all_gather_uneven(held, sizes, ROWS, self.topo.intra)
+        step = _attend(self.p, q, kv, tuple(s for h in node for s in h.spans), out, lse)
+        return [step], kv if self.keep else None
+
+    def backward(self, dout, q, out, lse, held, node: list[Holding], saved, dq) -> torch.Tensor:
+        """Add dQ into ``dq``; return the node's dK/dV for ``held`` (fp32)."""
+        steps, kv = saved
+        sizes = [h.size for h in node]
+        if not sum(sizes):
+            return _empty(held, 0, dq.dtype)
+        if kv is None:
+            kv = all_gather_uneven(held, sizes, ROWS, self.topo.intra)
+        grad = _attend_backward(self.p, dout, q, out, lse, kv, steps[0], dq)
+        return reduce_scatter_uneven(grad, sizes, ROWS, self.topo.intra)
+
+
+class _NodeRing:
+    """Inner ring: the node's holdings rotate round it; dK/dV accumulators follow them home."""
+
+    def __init__(self, p: AttentionProblem, topo: Topology):
+        self.p, self.topo = p, topo
+
+    def forward(self, q, held, node: list[Holding], out, lse) -> tuple[list[Step], None]:
+        """Merge the node's holdings into ``out``/``lse``; return what backward needs."""
+        comm, local, me = RingComm(self.topo.intra), self.topo.local, self.topo.local_rank
+        steps = []
+        for i in range(local):
+            incoming = None
+            if i + 1 < local:
+                incoming = _empty(held, node[(me - i - 1) % local].size)
+                comm.send_recv(_sendable(held), _sendable(incoming))
+                comm.commit()
+            steps.append(_attend(self.p, q, held, node[(me - i) % local].spans, out, lse))
+            comm.wait()
+            held = incoming
+        return steps, None
+
+    def backward(self, dout, q, out, lse, held, node: list[Holding], saved, dq) -> torch.Tensor:
+        """Add dQ into ``dq``; return the node's dK/dV for ``held`` (fp32)."""
+        steps, _ = saved
+        comm, local, me = RingComm(self.topo.intra), self.topo.local, self.topo.local_rank
+        grad_prev = None  # accumulator of the holding handled in the previous step
+        for i in range(local):
+            incoming = grad_in = None
+            if i + 1 < local:
+                incoming = _empty(held, node[(me - i - 1) % local].size)
+                comm.send_recv(_sendable(held), _sendable(incoming))
+            if i > 0:
+                # The previous holding's accumulator goes on; this one's arrives from behind.
+                grad_in = _empty(held, node[(me - i) % local].size, dq.dtype)
+                comm.send_recv(_sendable(grad_prev), _sendable(grad_in))
+            comm.commit()
+            grad = _attend_backward(self.p, dout, q, out, lse, held, steps[i], dq)
+            comm.wait()
+            if grad_in is not None:
+                grad += grad_in
+            grad_prev, held = grad, incoming
+        # The last accumulator is complete one hop later, at the rank that holds it.
+        mine = _empty(grad_prev, node[me].size)
+        comm.send_recv(_sendable(grad_prev), _sendable(mine))
+        comm.commit()
+        comm.wait()
+        return mine
+
+
+class HierarchicalAttentionFunction(torch.autograd.Function):
+    """Differentiable two-level attention over ``topo`` (both levels of size >= 2)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p: AttentionProblem, topo: Topology, opts: HierOptions):
+        schedule = holdings(p, topo, opts.inter_node_strategy)
+        # Gathered node K/V is kept for backward only when there is one outer step (O(N) memory otherwise).
+        inner = (
+            _NodeGather(p, topo, keep=len(schedule) == 1)
+            if opts.intra_node_strategy == "allgather"
+            else _NodeRing(p, topo)
+        )
+        mine = p.kv_block(p.rank)
+        held = torch.stack([mine.take(k), mine.take(v)])
+        out, lse = empty_partial(q)
+        saved = []
+        if opts.inter_node_strategy == "allgather":
+            rail = _rail_sizes(p, topo)
+            held = all_gather_uneven(held, rail, ROWS, topo.inter) if sum(rail) else held
+            ctx.rail_held = held
+            saved.append(inner.forward(q, held, schedule[0], out, lse))
+        else:
+            comm = RingComm(topo.inter)
+            for j, node in enumerate(schedule):
+                incoming = None
+                if j + 1 < len(schedule):
+                    incoming = _empty(held, schedule[j + 1][topo.local_rank].size)
+                    comm.send_recv(_sendable(held), _sendable(incoming))
+                    comm.commit()
+                saved.append(inner.forward(q, held, node, out, lse))
+                comm.wait()
+                held = incoming
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.problem, ctx.topo, ctx.opts, ctx.schedule, ctx.inner, ctx.saved = p, topo, opts, schedule, inner, saved
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        p: AttentionProblem = ctx.problem
+        topo: Topology = ctx.topo
+        schedule, inner, saved = ctx.schedule, ctx.inner, ctx.saved
+        dq = torch.zeros(q.shape, dtype=lse_dtype(q.dtype), device=q.device)
+        mine = p.kv_block(p.rank)
+        if ctx.opts.inter_node_strategy == "allgather":
+            grad = inner.backward(dout, q, out, lse, ctx.rail_held, schedule[0], saved[0], dq)
+            rail = _rail_sizes(p, topo)
+            own = reduce_scatter_uneven(grad, rail, ROWS, topo.inter) if sum(rail) else grad
+        else:
+            own = _outer_ring_backward(dout, q, out, lse, torch.stack([mine.take(k), mine.take(v)]), ctx, dq)
+        dk = mine.put(own[0].to(k.dtype), k) if mine.size else torch.zeros_like(k)
+        dv = mine.put(own[1].to(v.dtype), v) if mine.size else torch.zeros_like(v)
+        return dq.to(q.dtype), dk, dv, None, None, None
+
+
+def _rail_sizes(p: AttentionProblem, topo: Topology) -> list[int]:
+    """Key rows owned by each rank of this rank's rail, in node order."""
+    return [p.kv_block(topo.rank_of(node, topo.local_rank)).size for node in range(topo.nodes)]
+
+
+def _outer_ring_backward(dout, q, out, lse, held, ctx, dq) -> torch.Tensor:
+    """The rail ring of backward: blocks go round again, each with its fp32 dK/dV accumulator."""
+    topo: Topology = ctx.topo
+    schedule, inner, saved = ctx.schedule, ctx.inner, ctx.saved
+    comm = RingComm(topo.inter)
+    me = topo.local_rank
+    grad_prev = None
+    for j, node in enumerate(schedule):
+        incoming = grad_in = None
+        if j + 1 < len(schedule):
+            incoming = _empty(held, schedule[j + 1][me].size)
+            comm.send_recv(_sendable(held), _sendable(incoming))
+        if j > 0:
+            grad_in = _empty(held, node[me].size, dq.dtype)
+            comm.send_recv(_sendable(grad_prev), _sendable(grad_in))
+        comm.commit()
+        grad = inner.backward(dout, q, out, lse, held, node, saved[j], dq)
+        comm.wait()
+        if grad_in is not None:
+            grad += grad_in
+        grad_prev, held = grad, incoming
+    own = _empty(grad_prev, schedule[0][me].size)
+    comm.send_recv(_sendable(grad_prev), _sendable(own))
+    comm.commit()
+    comm.wait()
+    return own
