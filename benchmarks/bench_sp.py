@@ -16,6 +16,8 @@ median of repeats timed with CUDA events (rank 0's clock after a barrier):
   (all-gather rotation, load balancing off: it refuses non-causal otherwise).
   In the key-prefix case it gets the train rows as separate, evenly sharded K/V.
 - Peak memory per GPU of ``ring`` at N, 2N and 4N rows (it should grow as N/P).
+- Bytes each rank receives from ranks outside its simulated node of ``NODE_SIZE``
+  GPUs (measured: the flat strategies against ``hierarchical``).
 
 Prints a table and writes ``bench_sp.json``.
 """
@@ -37,6 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import mosaic
 from mosaic.comm import count_traffic
 from mosaic.problem import build_problem
+
+NODE_SIZE = 2
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,12 @@ def _strategies(world: int) -> dict[str, dict]:
         "mesh2d": {"backend": "mesh2d", "mesh_shape": (2, half)},
         "ulysses": {"backend": "ulysses"},
         "composed(2,s)_ring": {"backend": "composed", "mesh_shape": (2, half), "options": {"seq_parallel": "ring"}},
-        "hier_L2_ring/ring": {
-            "backend": "hierarchical",
-            "options": {"intra_node_size": 2, "inter_node_strategy": "ring", "intra_node_strategy": "ring"},
+        **{
+            f"hier_L2_{inter}/{intra}": {
+                "backend": "hierarchical",
+                "options": {"intra_node_size": 2, "inter_node_strategy": inter, "intra_node_strategy": intra},
+            }
+            for inter, intra in (("ring", "ring"), ("ring", "allgather"), ("allgather", "ring"))
         },
         "ring_flash_attn": {"backend": "ring_flash_attn"},
     }
@@ -109,8 +116,11 @@ def _one_gpu(shape: Shape, reps: int) -> dict[str, float]:
     return out
 
 
-def _mosaic(ctx, shape: Shape, config: dict, reps: int) -> tuple[float, int, float]:
-    """(ms, bytes received per rank for one fwd+bwd, peak GiB) of one Mosaic strategy."""
+def _mosaic(ctx, shape: Shape, config: dict, reps: int) -> tuple[float, int, int, float]:
+    """(ms, bytes received per rank for one fwd+bwd, of them from other nodes, peak GiB) of one strategy.
+
+    Nodes are runs of ``NODE_SIZE`` GPUs: on one host they are simulated, as mosaic-hier's tests do.
+    """
     backend = mosaic.get_backend(config["backend"])
     local = ctx.shard(torch.empty(shape.length, device="meta"), 0).shape[0]
     q, k, v = _tensors(shape.batch, shape.heads, local, shape.head_dim, seed=1 + ctx.rank)
@@ -132,7 +142,7 @@ def _mosaic(ctx, shape: Shape, config: dict, reps: int) -> tuple[float, int, flo
     with count_traffic() as meter:
         fwd_bwd_ms(attn, q, k, v, warmup=0, repeats=1)
     ms = fwd_bwd_ms(attn, q, k, v, sync=_barrier, warmup=1, repeats=reps)
-    return ms, meter.total, torch.cuda.max_memory_allocated() / 2**30
+    return ms, meter.total, meter.from_outside(NODE_SIZE, ctx.rank), torch.cuda.max_memory_allocated() / 2**30
 
 
 def _torch_cp(shape: Shape, kernel: SDPBackend, reps: int) -> float:
@@ -183,14 +193,18 @@ def main() -> None:
         for name in chosen:
             config = strategies[name]
             try:
-                ms, received, peak = _mosaic(ctx, shape, config, args.reps)
+                ms, received, outside, peak = _mosaic(ctx, shape, config, args.reps)
             except (mosaic.BackendUnavailable, mosaic.BackendNotSupported) as exc:
                 _log(f"  {name}: skipped ({str(exc).splitlines()[-1].strip()[:100]})")
                 continue
             row[name] = ms
             row[f"{name}_bytes_recv_per_rank"] = received
+            row[f"{name}_bytes_from_other_nodes"] = outside
             row[f"{name}_peak_GiB"] = peak
-            _log(f"  {name:22s} {ms:9.2f} ms  recv {received / 2**20:9.1f} MiB  peak {peak:6.2f} GiB")
+            _log(
+                f"  {name:22s} {ms:9.2f} ms  recv {received / 2**20:9.1f} MiB  (from other {NODE_SIZE}-GPU nodes "
+                f"{outside / 2**20:9.1f})  peak {peak:6.2f} GiB"
+            )
             torch.cuda.empty_cache()
         for kname, kernel in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
             try:
@@ -216,7 +230,7 @@ def _ring_memory(ctx, base: int) -> dict[str, float]:
     for factor in (1, 2, 4):
         shape = Shape(f"mem_{factor}x", 5, 4, base * factor, 24)
         torch.cuda.empty_cache()
-        _, _, peak = _mosaic(ctx, shape, {"backend": "ring"}, reps=1)
+        _, _, _, peak = _mosaic(ctx, shape, {"backend": "ring"}, reps=1)
         out[f"N={base * factor}"] = peak
         _log(f"ring memory N={base * factor}: {peak:.3f} GiB per GPU")
     return out

@@ -41,7 +41,8 @@ def _configs(world: int) -> list[tuple[str, dict]]:
         ),
     ]
     if world >= 4:
-        for inter, intra in (("ring", "ring"), ("ring", "allgather"), ("allgather", "ring")):
+        pairs = [(inter, intra) for inter in ("ring", "allgather") for intra in ("ring", "allgather", "ulysses")]
+        for inter, intra in pairs:
             options = {"intra_node_size": 2, "inter_node_strategy": inter, "intra_node_strategy": intra}
             configs.append((f"hierarchical {inter}/{intra}", dict(backend="hierarchical", backend_options=options)))
     return configs

@@ -7,8 +7,9 @@ Every collective here reports to :func:`count_traffic`: the bytes that reach
 this rank, as the bandwidth-optimal algorithm moves them (an all-gather brings
 every other rank's rows; a reduce-scatter brings ``P - 1`` copies of this
 rank's rows; an all-to-all and a P2P receive bring what they receive), keyed
-by the global ranks of the group. Benchmarks use it to report measured
-communication per strategy.
+by the global ranks of the group and by the global rank they come from.
+Benchmarks use it to report measured communication per strategy, and bytes
+that cross node boundaries.
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ from ._compat import all_gather_single, reduce_scatter_single
 
 
 class TrafficMeter:
-    """Bytes that reached this rank through Mosaic's collectives, by group (global ranks)."""
+    """Bytes that reached this rank through Mosaic's collectives, by group and by sender (global ranks)."""
 
     def __init__(self) -> None:
         self.received: dict[tuple[int, ...], int] = defaultdict(int)
+        self.received_from: dict[int, int] = defaultdict(int)
 
     @property
     def total(self) -> int:
         return sum(self.received.values())
+
+    def from_outside(self, node_size: int, rank: int) -> int:
+        """Bytes from ranks on other nodes, nodes being runs of ``node_size`` global ranks."""
+        return sum(n for src, n in self.received_from.items() if src // node_size != rank // node_size)
 
 
 _meters: list[TrafficMeter] = []
@@ -49,11 +55,14 @@ def count_traffic() -> Iterator[TrafficMeter]:
         _meters.remove(meter)
 
 
-def _record(group: dist.ProcessGroup, nbytes: int) -> None:
-    if _meters and nbytes:
-        key = tuple(dist.get_process_group_ranks(group))
+def _record(group: dist.ProcessGroup, per_sender: list[int]) -> None:
+    """``per_sender[r]``: bytes that group rank ``r`` sends to this rank."""
+    if _meters and any(per_sender):
+        ranks = dist.get_process_group_ranks(group)
         for meter in _meters:
-            meter.received[key] += nbytes
+            meter.received[tuple(ranks)] += sum(per_sender)
+            for src, nbytes in zip(ranks, per_sender, strict=True):
+                meter.received_from[src] += nbytes
 
 
 def _row_bytes(x: torch.Tensor) -> int:
@@ -76,7 +85,7 @@ def all_gather_uneven(x: torch.Tensor, sizes: list[int], dim: int, group: dist.P
     if x.shape[dim] != sizes[rank]:
         raise ValueError(f"rank {rank} holds {x.shape[dim]} rows along dim {dim}, expected {sizes[rank]}")
     x = x.movedim(dim, 0)
-    _record(group, (sum(sizes) - sizes[rank]) * _row_bytes(x))
+    _record(group, [0 if r == rank else n * _row_bytes(x) for r, n in enumerate(sizes)])
     if len(set(sizes)) == 1 or _is_gloo(group):
         width = max(sizes)
         padded = x if x.shape[0] == width else torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
@@ -95,7 +104,7 @@ def reduce_scatter_uneven(x: torch.Tensor, sizes: list[int], dim: int, group: di
     """Sum ``x`` over ranks and give rank ``r`` rows ``[sum(sizes[:r]), sum(sizes[:r+1]))`` along ``dim``."""
     rank = dist.get_rank(group)
     x = x.movedim(dim, 0)
-    _record(group, (len(sizes) - 1) * sizes[rank] * _row_bytes(x))
+    _record(group, [0 if r == rank else sizes[rank] * _row_bytes(x) for r in range(len(sizes))])
     if len(set(sizes)) == 1:
         out = x.new_empty((sizes[rank], *x.shape[1:]))
         reduce_scatter_single(out, x.contiguous(), group=group)
@@ -159,7 +168,8 @@ def all_to_all_uneven(
     """Send rows ``split(send)[r]`` of ``x`` along ``dim`` to rank ``r``; concatenate what arrives."""
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((sum(recv), *x.shape[1:]))
-    _record(group, (sum(recv) - recv[dist.get_rank(group)]) * _row_bytes(out))
+    me = dist.get_rank(group)
+    _record(group, [0 if r == me else n * _row_bytes(out) for r, n in enumerate(recv)])
     dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group)
     return out.movedim(0, dim)
 
@@ -188,7 +198,9 @@ class RingComm:
             self._ops.append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.group))
         if recv is not None:
             self._ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
-            _record(self.group, recv.numel() * recv.element_size())
+            sizes = [0] * self.size
+            sizes[(self.rank - 1) % self.size] = recv.numel() * recv.element_size()
+            _record(self.group, sizes)
 
     def commit(self) -> None:
         if self._ops:

@@ -267,8 +267,11 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _reduce_heads(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum the gradients of repeated K/V heads back onto their group, in fp32 (one rounding, not G)."""
     b, h, s, d = grad.shape
-    return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, s, d).sum(2)
+    if h == kv_heads:
+        return grad
+    return grad.view(b, kv_heads, h // kv_heads, s, d).sum(2, dtype=lse_dtype(grad.dtype)).to(grad.dtype)
 
 
 def _chunks(batch: int, step: int) -> list[slice]:

@@ -75,7 +75,7 @@ class GridLayout(SeqLayout):
     def of(cls, rows: tuple[int, ...], cols: tuple[int, ...]) -> GridLayout:
         """The layout of blocks ``rows[i] x cols[j]`` on mesh ``(len(rows), len(cols))``."""
         rows, cols = tuple(rows), tuple(cols)
-        return cls(tuple(r * c for r in rows for c in cols), "grid", rows, cols)
+        return cls(tuple(r * c for r in rows for c in cols), "grid", rows=rows, cols=cols)
 
     def spans(self, rank: int) -> tuple[Span, ...]:
         """One span per dim1 position of the rank's block; one span in all when it holds whole rows."""
