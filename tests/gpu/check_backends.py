@@ -5,7 +5,8 @@
 For each backend, dtype (bf16, fp16) and case, the sharded run is compared
 with the unsharded ``local`` run in fp32 (output, input gradients, parameter
 gradients summed over the sp group), next to the same errors of the
-single-GPU ``local`` run in that dtype. A case passes when the sharded error
+single-GPU ``local`` run in that dtype. Runs are mixed precision as training
+is: fp32 parameters and inputs, attention and projections under autocast. A case passes when the sharded error
 is at most ``SLACK`` x the single-GPU error (plus a small floor): sharding must
 not make bf16 worse. Prints a table on rank 0, writes JSON, exits 1 on failure.
 """
@@ -84,7 +85,7 @@ def main() -> int:
                 row = {"backend": label, "case": case, "dtype": str(dtype)[6:]}
                 try:
                     errors = compare_with_local(
-                        **config, **kwargs, dtype=dtype, reference_dtype=torch.float32, seed=len(rows)
+                        **config, **kwargs, dtype=dtype, reference_dtype=torch.float32, autocast=True, seed=len(rows)
                     )
                 except mosaic.BackendNotSupported as exc:
                     row["status"] = "unsupported: " + str(exc).splitlines()[-1].strip()

@@ -66,6 +66,15 @@ def test_loads_a_multihead_attention_checkpoint():
     torch.testing.assert_close(module(x), mha(x, x, x, need_weights=False)[0])
 
 
+def test_autocast_runs_low_precision_activations_with_fp32_parameters():
+    torch.manual_seed(5)
+    module = mosaic.MultiAxisAttention(16, 4, 1)
+    x = torch.randn(2, 9, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x.bfloat16(), kv_len=4)
+    torch.testing.assert_close(out.float(), mha_reference(module, x, kv_len=4), rtol=3e-2, atol=3e-2)
+
+
 def test_dropout_is_active_only_in_training():
     torch.manual_seed(4)
     module = mosaic.MultiAxisAttention(16, 4, 1, dropout=0.5)

@@ -171,7 +171,9 @@ class MultiAxisAttention(nn.Module):
 
     def _check_dtype(self, x: torch.Tensor, name: str = "x") -> None:
         weight = self.out_proj.weight
-        if x.dtype != weight.dtype or x.device.type != weight.device.type:
+        # Under autocast, low-precision activations meet fp32 parameters by design.
+        autocast = x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+        if x.device.type != weight.device.type or (x.dtype != weight.dtype and not autocast):
             raise TypeError(
                 f"{name} is {x.dtype} on {x.device.type} but the module's parameters are {weight.dtype} on "
                 f"{weight.device.type}; move one to the other (module.to(...) or x.to(...))"

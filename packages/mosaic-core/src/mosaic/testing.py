@@ -272,6 +272,7 @@ def compare_with_local(
     backend_options: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
     reference_dtype: torch.dtype | None = None,
+    autocast: bool = False,
     seed: int = 0,
 ) -> dict[str, float]:
     """Run ``backend`` on this rank's shard and ``local`` on the whole tensor; return the errors.
@@ -285,7 +286,9 @@ def compare_with_local(
     (``dx``, ``dkv``) and the parameter gradients summed over the sp group
     (``params``). With ``reference_dtype`` the reference runs in that precision
     and the errors of ``local`` in ``dtype`` come back too (``local_*``): the
-    single-device error to hold the sharded one against.
+    single-device error to hold the sharded one against. With ``autocast`` the
+    parameters and inputs stay fp32 and ``dtype`` is autocast's compute dtype
+    (mixed-precision training); without it, everything is in ``dtype``.
     """
     import mosaic
 
@@ -308,7 +311,9 @@ def compare_with_local(
         kv_full = torch.randn((*shape[:dim], kv_length, *shape[dim + 1 :]), device=device)
     grad_full = torch.randn(shape, device=device)
 
-    def run(name: str, run_dtype: torch.dtype, sharded: bool) -> dict[str, torch.Tensor | None]:
+    def run(name: str, compute_dtype: torch.dtype, sharded: bool) -> dict[str, torch.Tensor | None]:
+        mixed = autocast and compute_dtype != torch.float32
+        run_dtype = torch.float32 if mixed else compute_dtype
         module = mosaic.MultiAxisAttention(backend=name, **make)
         module.load_state_dict(state)
         module.to(device=device, dtype=run_dtype)
@@ -317,8 +322,9 @@ def compare_with_local(
         x, grad = (place(t).to(run_dtype).detach().clone() for t in (x_full, grad_full))
         x.requires_grad_()
         kv = None if kv_full is None else place(kv_full).to(run_dtype).detach().clone().requires_grad_()
-        y = module(x, kv, kv_len=kv_len, causal=causal)
-        y.backward(grad)
+        with torch.autocast(device.type, dtype=compute_dtype, enabled=mixed):
+            y = module(x, kv, kv_len=kv_len, causal=causal)
+        y.backward(grad.to(y.dtype))
         gather = (lambda t: ctx.unshard(t, dim, layout)) if sharded else (lambda t: t)
         if sharded:
             mosaic.reduce_gradients(module, ctx, average_dp=False)
