@@ -66,6 +66,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--length", type=int, default=2051, help="global length of the attention dim")
     parser.add_argument("--backends", nargs="*", default=None, help="only these backends (default: all installed)")
+    parser.add_argument("--cases", nargs="*", default=None, help="only these cases (default: all)")
     args = parser.parse_args()
     ctx = mosaic.init(sp_size=int(os.environ.get("WORLD_SIZE", "1")))
     rows, failed = [], 0
@@ -79,6 +80,8 @@ def main() -> int:
             rows.append({"backend": label, "case": "-", "status": f"skipped: {exc}"[:120]})
             continue
         for case, kwargs in _cases(args.length):
+            if args.cases is not None and case not in args.cases:
+                continue
             if case == "causal" and backend == "ring":
                 kwargs = {**kwargs, "layout": "zigzag"}
             for dtype in (torch.bfloat16, torch.float16):

@@ -216,7 +216,8 @@ def backward(
     """Gradients of a plan, in the inputs' dtypes."""
     if len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]) and pieces[0].k == slice(0, k.shape[2]):
         p = pieces[0]
-        return attention_backward(dout, q, k, v, out, lse, calls[0], causal=p.causal, scale=scale)
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, calls[0], causal=p.causal, scale=scale)
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
     acc = lse_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
     backward_(dout, q, k, v, out, lse, pieces, calls, scale, dq, dk, dv)

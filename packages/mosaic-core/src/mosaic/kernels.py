@@ -267,11 +267,15 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _reduce_heads(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Sum the gradients of repeated K/V heads back onto their group, in fp32 (one rounding, not G)."""
+    """Sum the gradients of repeated K/V heads back onto their group.
+
+    The sum stays in fp32 (fp64 for fp64): callers accumulate it further, and a
+    rounding here would be one more per block and group.
+    """
     b, h, s, d = grad.shape
     if h == kv_heads:
         return grad
-    return grad.view(b, kv_heads, h // kv_heads, s, d).sum(2, dtype=lse_dtype(grad.dtype)).to(grad.dtype)
+    return grad.view(b, kv_heads, h // kv_heads, s, d).sum(2, dtype=lse_dtype(grad.dtype))
 
 
 def _chunks(batch: int, step: int) -> list[slice]:
@@ -335,7 +339,8 @@ def attention_backward(
     """Gradients of one block given the final ``out`` and ``lse`` of its query rows.
 
     ``out`` and ``lse`` may merge this block with others: the result is then this
-    block's share of dq and its exact dk, dv.
+    block's share of dq and its exact dk, dv. With grouped K/V heads, dk and dv
+    come back in fp32 (:func:`lse_dtype`), summed over each group unrounded.
     """
     b, h, length, d = q.shape
     if call is None:
