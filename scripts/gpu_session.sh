@@ -39,9 +39,11 @@ tests() {
 bench() {
   step bench_kernels bash -c "cd benchmarks && python3 bench_kernels.py --out $OUT/kernels.json"
   step bench_sp bash -c "cd benchmarks && torchrun --nproc_per_node=$GPUS bench_sp.py --out $OUT"
-  if [ -f examples/nanotabpfn/bench_step.sh ]; then
-    step nanotabpfn bash examples/nanotabpfn/bench_step.sh "$OUT"
-  fi
+  local train=examples/nanotabpfn/train.py args="--batch-size 1 --features 10 --out-dir $OUT/nanotabpfn"
+  step nanotabpfn_150k_P$GPUS torchrun --nproc_per_node=$GPUS $train --rows 150000 $args --bench-steps 10
+  step nanotabpfn_150k_P1 python3 $train --rows 150000 $args --bench-steps 5 --bench-warmup 1
+  step nanotabpfn_1M_P$GPUS torchrun --nproc_per_node=$GPUS $train --rows 1000000 $args --checkpoint-layers \
+    --bench-steps 3 --bench-warmup 1
 }
 
 setup
