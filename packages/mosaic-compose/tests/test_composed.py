@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
 from typing import Any
 
 import pytest
-import torch
 import torch.nn as nn
 
 import mosaic
-from mosaic.context import Context
 from mosaic.layout import SeqLayout
 from mosaic.problem import AttentionProblem
-from mosaic.testing import compare_with_local, run_distributed
+from mosaic.testing import compare_with_local, make_problem, run_distributed
 from mosaic_compose import ComposedAttention, ComposedBackend
 from mosaic_compose.exchange import merge_spans
 
@@ -89,24 +86,7 @@ def test_matches_local_on_8() -> None:
 
 
 def _problem(heads: int, kv_heads: int, size: int, mesh_shape: Any, **options: Any) -> AttentionProblem:
-    context = Context(torch.device("cpu"), 0, size, 0, size, None, 0, 1, None, None, timedelta(seconds=1))
-    return AttentionProblem(
-        batch=1,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=8,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        q_layout=SeqLayout.even(16, size),
-        kv_layout=SeqLayout.even(16, size),
-        rank=0,
-        causal=False,
-        kv_len=None,
-        scale=1.0,
-        mesh_shape=mesh_shape,
-        options=options,
-        context=context,
-    )
+    return make_problem(size=size, heads=heads, kv_heads=kv_heads, mesh_shape=mesh_shape, options=options)
 
 
 @pytest.mark.parametrize(

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 import torch
 
 import mosaic
 from mosaic.comm import count_traffic
-from mosaic.context import Context
 from mosaic.layout import SeqLayout
 from mosaic.problem import AttentionProblem
-from mosaic.testing import compare_with_local, run_distributed
+from mosaic.testing import compare_with_local, make_problem, run_distributed
 from mosaic_compose import HeadExchange, UlyssesBackend
 
 TOL = 1e-5
@@ -72,22 +69,7 @@ def test_forward_traffic(kv_len: int | None) -> None:
 
 
 def _problem(heads: int, kv_heads: int, size: int) -> AttentionProblem:
-    context = Context(torch.device("cpu"), 0, size, 0, size, None, 0, 1, None, None, timedelta(seconds=1))
-    return AttentionProblem(
-        batch=1,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=8,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        q_layout=SeqLayout.even(16, size),
-        kv_layout=SeqLayout.even(16, size),
-        rank=0,
-        causal=False,
-        kv_len=None,
-        scale=1.0,
-        context=context,
-    )
+    return make_problem(size=size, heads=heads, kv_heads=kv_heads)
 
 
 def test_heads_must_divide_by_the_group() -> None:

@@ -9,29 +9,15 @@ import torch
 import torch.nn as nn
 
 import mosaic
-from mosaic.layout import SeqLayout
 from mosaic.problem import AttentionProblem
-from mosaic.testing import reference_attention
+from mosaic.testing import make_problem, reference_attention
 from mosaic_hier import HierarchicalAttention, HierarchicalBackend, HierOptions
 from mosaic_hier.options import local_world_mismatch, option_reasons, warn_local_world
 
 
 def _problem(size: int, options: dict, heads: int = 4) -> AttentionProblem:
-    layout = SeqLayout((3,) * size)
-    return AttentionProblem(
-        batch=1,
-        heads=heads,
-        kv_heads=heads,
-        head_dim=4,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        q_layout=layout,
-        kv_layout=layout,
-        rank=0,
-        causal=False,
-        kv_len=None,
-        scale=0.5,
-        options=MappingProxyType(options),
+    return make_problem(
+        size=size, heads=heads, length=3 * size, head_dim=4, scale=0.5, options=MappingProxyType(options), context=None
     )
 
 

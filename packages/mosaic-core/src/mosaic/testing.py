@@ -346,3 +346,29 @@ def compare_with_local(
     if reference_dtype is not None:
         result.update(errors(run("local", dtype, sharded=False), want, "local_"))
     return result
+
+
+def make_problem(
+    *, size: int = 1, heads: int = 4, kv_heads: int | None = None, length: int = 16, head_dim: int = 8, **fields: Any
+):
+    """An :class:`~mosaic.problem.AttentionProblem` with no process group, to check a backend's reasons.
+
+    ``size`` ranks share ``length`` positions (contiguous layout); ``fields``
+    override any other field (``mesh_shape``, ``options``, ``causal``, ``context``, ...).
+    The default context describes a world of ``size`` ranks that has no groups.
+    """
+    from datetime import timedelta as _timedelta
+
+    from .context import Context
+    from .layout import SeqLayout
+    from .problem import AttentionProblem
+
+    layout = SeqLayout.even(length, size)
+    values: dict[str, Any] = dict(
+        batch=1, heads=heads, kv_heads=heads if kv_heads is None else kv_heads, head_dim=head_dim,
+        dtype=torch.float32, device=torch.device("cpu"), q_layout=layout, kv_layout=layout, rank=0,
+        causal=False, kv_len=None, scale=head_dim**-0.5,
+        context=Context(torch.device("cpu"), 0, size, 0, size, None, 0, 1, None, None, _timedelta(seconds=1)),
+    )  # fmt: skip
+    values.update(fields)
+    return AttentionProblem(**values)
