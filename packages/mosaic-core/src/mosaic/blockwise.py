@@ -170,6 +170,29 @@ def forward(
     return out, lse, calls
 
 
+def accumulate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_spans: tuple[Span, ...],
+    k_spans: tuple[Span, ...],
+    causal: bool,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[list[Piece], list[KernelCall | None]]:
+    """Fold the attention of ``q`` to one key block into the fp32 accumulators ``out``/``lse``.
+
+    Returns the plan and kernel calls, which :func:`backward_` needs for this block.
+    """
+    pieces = plan(q_spans, k_spans, causal=causal) if k.shape[2] else []
+    calls: list[KernelCall | None] = []
+    if pieces:
+        block_out, block_lse, calls = forward(q, k, v, pieces, scale)
+        merge_(out, lse, block_out, block_lse)
+    return pieces, calls
+
+
 def backward_(
     dout: torch.Tensor,
     q: torch.Tensor,

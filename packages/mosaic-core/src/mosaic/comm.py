@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -193,7 +193,12 @@ class RingComm:
         self._reqs: list = []
 
     def send_recv(self, send: torch.Tensor | None, recv: torch.Tensor | None) -> None:
-        """Queue sending ``send`` to the next rank and receiving ``recv`` from the previous one."""
+        """Queue sending ``send`` to the next rank and receiving ``recv`` from the previous one.
+
+        ``None`` or an empty tensor posts nothing; both ends know the sizes, so both skip.
+        """
+        send = send if send is not None and send.numel() else None
+        recv = recv if recv is not None and recv.numel() else None
         if send is not None:
             self._ops.append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.group))
         if recv is not None:
@@ -211,3 +216,75 @@ class RingComm:
             req.wait()
         # The ops hold the buffers until the transfers are done.
         self._ops, self._reqs = [], []
+
+
+def resized(like: torch.Tensor, rows: int, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor shaped like ``like`` but with ``rows`` along ``dim``."""
+    shape = list(like.shape)
+    shape[dim] = rows
+    return like.new_empty(shape, dtype=dtype)
+
+
+def rotate(
+    group: dist.ProcessGroup,
+    held: torch.Tensor,
+    rows: list[int],
+    dim: int,
+    visit: Callable[[int, torch.Tensor], None],
+) -> None:
+    """Pass blocks round the ring of ``group``, double-buffered.
+
+    At step ``s`` this rank holds a block of ``rows[s]`` rows along ``dim``
+    (step 0: ``held``, its own); ``visit(s, block)`` runs while the block for
+    step ``s + 1`` arrives from the previous rank and this one goes to the next.
+    Blocks without rows travel nowhere.
+    """
+    comm = RingComm(group)
+    for step in range(len(rows)):
+        incoming = None
+        if step + 1 < len(rows):
+            incoming = resized(held, rows[step + 1], dim)
+            comm.send_recv(held, incoming)
+            comm.commit()
+        visit(step, held)
+        comm.wait()
+        held = incoming
+
+
+def rotate_back(
+    group: dist.ProcessGroup,
+    held: torch.Tensor,
+    rows: list[int],
+    dim: int,
+    visit: Callable[[int, torch.Tensor], torch.Tensor],
+    acc_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The backward twin of :func:`rotate`: blocks go round again, each with a gradient accumulator.
+
+    ``visit(s, block)`` returns this rank's gradient for the block it holds at
+    step ``s`` (``acc_dtype``, shaped like the block). Each accumulator follows
+    its block, every rank adds to it, and one last hop brings it to the block's
+    owner. Returns the complete accumulator of this rank's own block.
+    """
+    comm = RingComm(group)
+    grad_prev = None  # the accumulator of the block visited in the previous step
+    for step in range(len(rows)):
+        incoming = grad_in = None
+        if step + 1 < len(rows):
+            incoming = resized(held, rows[step + 1], dim)
+            comm.send_recv(held, incoming)
+        if step > 0:
+            # The previous block's accumulator goes on; this block's arrives from behind.
+            grad_in = resized(held, rows[step], dim, acc_dtype)
+            comm.send_recv(grad_prev, grad_in)
+        comm.commit()
+        grad = visit(step, held)
+        comm.wait()
+        if grad_in is not None:
+            grad += grad_in
+        grad_prev, held = grad, incoming
+    own = resized(grad_prev, rows[0], dim)
+    comm.send_recv(grad_prev, own)
+    comm.commit()
+    comm.wait()
+    return own

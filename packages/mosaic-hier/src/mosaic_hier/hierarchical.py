@@ -39,9 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaic.blockwise import Piece, backward_, empty_partial, merge_, plan
-from mosaic.blockwise import forward as block_forward
-from mosaic.comm import RingComm, all_gather_uneven, reduce_scatter_uneven
+from mosaic.blockwise import Piece, accumulate, backward_, empty_partial
+from mosaic.comm import all_gather_uneven, reduce_scatter_uneven, resized, rotate, rotate_back
 from mosaic.kernels import KernelCall, lse_dtype
 from mosaic.layout import Span
 from mosaic.problem import AttentionProblem
@@ -76,24 +75,9 @@ def holdings(p: AttentionProblem, topo: Topology, inter: str) -> list[list[Holdi
     return [[rail(lr, [(topo.node - j) % topo.nodes]) for lr in range(topo.local)] for j in range(topo.nodes)]
 
 
-def _empty(like: torch.Tensor, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A K/V-shaped buffer of ``rows`` rows."""
-    return like.new_empty((*like.shape[:ROWS], rows, *like.shape[ROWS + 1 :]), dtype=dtype)
-
-
-def _sendable(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` for a P2P op, or ``None`` when it has no rows (then neither side posts the op)."""
-    return t if t is not None and t.shape[ROWS] else None
-
-
 def _attend(p: AttentionProblem, q, kv, spans, out, lse) -> Step:
     """Fold the local queries' attention to ``kv`` (at ``spans``) into ``out``/``lse``."""
-    pieces = plan(p.q_spans, spans, causal=p.causal) if kv.shape[ROWS] else []
-    calls: list[KernelCall | None] = []
-    if pieces:
-        block_out, block_lse, calls = block_forward(q, kv[0], kv[1], pieces, p.scale)
-        merge_(out, lse, block_out, block_lse)
-    return pieces, calls
+    return accumulate(q, kv[0], kv[1], p.q_spans, spans, p.causal, p.scale, out, lse)
 
 
 def _attend_backward(p: AttentionProblem, dout, q, out, lse, kv, step: Step, dq) -> torch.Tensor:
@@ -125,7 +109,7 @@ class _NodeGather:
         steps, kv = saved
         sizes = [h.size for h in node]
         if not sum(sizes):
-            return _empty(held, 0, dq.dtype)
+            return resized(held, 0, ROWS, dq.dtype)
         if kv is None:
             kv = all_gather_uneven(held, sizes, ROWS, self.topo.intra)
         grad = _attend_backward(self.p, dout, q, out, lse, kv, steps[0], dq)
@@ -138,47 +122,27 @@ class _NodeRing:
     def __init__(self, p: AttentionProblem, topo: Topology):
         self.p, self.topo = p, topo
 
+    def _order(self, node: list[Holding]) -> list[Holding]:
+        """What this rank holds at each inner step: its own holding first, then the previous ranks'."""
+        local, me = self.topo.local, self.topo.local_rank
+        return [node[(me - i) % local] for i in range(local)]
+
     def forward(self, q, held, node: list[Holding], out, lse) -> tuple[list[Step], None]:
         """Merge the node's holdings into ``out``/``lse``; return what backward needs."""
-        comm, local, me = RingComm(self.topo.intra), self.topo.local, self.topo.local_rank
-        steps = []
-        for i in range(local):
-            incoming = None
-            if i + 1 < local:
-                incoming = _empty(held, node[(me - i - 1) % local].size)
-                comm.send_recv(_sendable(held), _sendable(incoming))
-                comm.commit()
-            steps.append(_attend(self.p, q, held, node[(me - i) % local].spans, out, lse))
-            comm.wait()
-            held = incoming
+        order, steps = self._order(node), []
+        rotate(
+            self.topo.intra, held, [h.size for h in order], ROWS,
+            lambda i, kv: steps.append(_attend(self.p, q, kv, order[i].spans, out, lse)),
+        )  # fmt: skip
         return steps, None
 
     def backward(self, dout, q, out, lse, held, node: list[Holding], saved, dq) -> torch.Tensor:
         """Add dQ into ``dq``; return the node's dK/dV for ``held`` (fp32)."""
         steps, _ = saved
-        comm, local, me = RingComm(self.topo.intra), self.topo.local, self.topo.local_rank
-        grad_prev = None  # accumulator of the holding handled in the previous step
-        for i in range(local):
-            incoming = grad_in = None
-            if i + 1 < local:
-                incoming = _empty(held, node[(me - i - 1) % local].size)
-                comm.send_recv(_sendable(held), _sendable(incoming))
-            if i > 0:
-                # The previous holding's accumulator goes on; this one's arrives from behind.
-                grad_in = _empty(held, node[(me - i) % local].size, dq.dtype)
-                comm.send_recv(_sendable(grad_prev), _sendable(grad_in))
-            comm.commit()
-            grad = _attend_backward(self.p, dout, q, out, lse, held, steps[i], dq)
-            comm.wait()
-            if grad_in is not None:
-                grad += grad_in
-            grad_prev, held = grad, incoming
-        # The last accumulator is complete one hop later, at the rank that holds it.
-        mine = _empty(grad_prev, node[me].size)
-        comm.send_recv(_sendable(grad_prev), _sendable(mine))
-        comm.commit()
-        comm.wait()
-        return mine
+        return rotate_back(
+            self.topo.intra, held, [h.size for h in self._order(node)], ROWS,
+            lambda i, kv: _attend_backward(self.p, dout, q, out, lse, kv, steps[i], dq), dq.dtype,
+        )  # fmt: skip
 
 
 class HierarchicalAttentionFunction(torch.autograd.Function):
@@ -203,16 +167,10 @@ class HierarchicalAttentionFunction(torch.autograd.Function):
             ctx.rail_held = held
             saved.append(inner.forward(q, held, schedule[0], out, lse))
         else:
-            comm = RingComm(topo.inter)
-            for j, node in enumerate(schedule):
-                incoming = None
-                if j + 1 < len(schedule):
-                    incoming = _empty(held, schedule[j + 1][topo.local_rank].size)
-                    comm.send_recv(_sendable(held), _sendable(incoming))
-                    comm.commit()
-                saved.append(inner.forward(q, held, node, out, lse))
-                comm.wait()
-                held = incoming
+            rotate(
+                topo.inter, held, [node[topo.local_rank].size for node in schedule], ROWS,
+                lambda j, kv: saved.append(inner.forward(q, kv, schedule[j], out, lse)),
+            )  # fmt: skip
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem, ctx.topo, ctx.opts, ctx.schedule, ctx.inner, ctx.saved = p, topo, opts, schedule, inner, saved
@@ -246,25 +204,7 @@ def _outer_ring_backward(dout, q, out, lse, held, ctx, dq) -> torch.Tensor:
     """The rail ring of backward: blocks go round again, each with its fp32 dK/dV accumulator."""
     topo: Topology = ctx.topo
     schedule, inner, saved = ctx.schedule, ctx.inner, ctx.saved
-    comm = RingComm(topo.inter)
-    me = topo.local_rank
-    grad_prev = None
-    for j, node in enumerate(schedule):
-        incoming = grad_in = None
-        if j + 1 < len(schedule):
-            incoming = _empty(held, schedule[j + 1][me].size)
-            comm.send_recv(_sendable(held), _sendable(incoming))
-        if j > 0:
-            grad_in = _empty(held, node[me].size, dq.dtype)
-            comm.send_recv(_sendable(grad_prev), _sendable(grad_in))
-        comm.commit()
-        grad = inner.backward(dout, q, out, lse, held, node, saved[j], dq)
-        comm.wait()
-        if grad_in is not None:
-            grad += grad_in
-        grad_prev, held = grad, incoming
-    own = _empty(grad_prev, schedule[0][me].size)
-    comm.send_recv(_sendable(grad_prev), _sendable(own))
-    comm.commit()
-    comm.wait()
-    return own
+    return rotate_back(
+        topo.inter, held, [node[topo.local_rank].size for node in schedule], ROWS,
+        lambda j, kv: inner.backward(dout, q, out, lse, kv, schedule[j], saved[j], dq), dq.dtype,
+    )  # fmt: skip

@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 
 from mosaic.backend import Backend, Capabilities
-from mosaic.blockwise import backward_, empty_partial, merge_, plan, span_attention
-from mosaic.blockwise import forward as block_forward
-from mosaic.comm import RingComm
+from mosaic.blockwise import accumulate, backward_, empty_partial, span_attention
+from mosaic.comm import rotate, rotate_back
 from mosaic.kernels import lse_dtype
 from mosaic.problem import AttentionProblem
 
@@ -47,32 +46,23 @@ def _origins(p: AttentionProblem) -> list[int]:
     return [(p.rank - step) % p.size for step in range(p.size)]
 
 
+# K and V travel stacked as (2, batch, kv_heads, rows, head_dim).
+_ROWS = 3
+
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, p: AttentionProblem):
         q = q.contiguous()  # once here, not in every step's kernel call
-        blocks = [p.kv_block(r) for r in range(p.size)]
-        origins = _origins(p)
-        comm = RingComm(p.group)
-        mine = blocks[p.rank]
-        held = torch.stack([mine.take(k), mine.take(v)]) if mine.size else None
+        blocks = [p.kv_block(origin) for origin in _origins(p)]
+        mine = blocks[0]
         out, lse = empty_partial(q)
         steps = []
-        for step, origin in enumerate(origins):
-            incoming = None
-            if step + 1 < p.size:
-                nxt = blocks[origins[step + 1]]
-                incoming = k.new_empty((2, *k.shape[:2], nxt.size, k.shape[3])) if nxt.size else None
-                comm.send_recv(held, incoming)
-                comm.commit()
-            pieces = plan(p.q_spans, blocks[origin].spans, causal=p.causal) if held is not None else []
-            calls = []
-            if pieces:
-                block_out, block_lse, calls = block_forward(q, held[0], held[1], pieces, p.scale)
-                merge_(out, lse, block_out, block_lse)
-            steps.append((pieces, calls))
-            comm.wait()
-            held = incoming
+
+        def visit(step: int, held: torch.Tensor) -> None:
+            steps.append(accumulate(q, held[0], held[1], p.q_spans, blocks[step].spans, p.causal, p.scale, out, lse))
+
+        rotate(p.group, torch.stack([mine.take(k), mine.take(v)]), [b.size for b in blocks], _ROWS, visit)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem, ctx.steps = p, steps
@@ -83,41 +73,20 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         p: AttentionProblem = ctx.problem
-        blocks = [p.kv_block(r) for r in range(p.size)]
-        origins = _origins(p)
-        comm = RingComm(p.group)
+        blocks = [p.kv_block(origin) for origin in _origins(p)]
+        mine = blocks[0]
         acc = lse_dtype(q.dtype)
-        mine = blocks[p.rank]
-        held = torch.stack([mine.take(k), mine.take(v)]) if mine.size else None
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        grad_prev = None  # dK/dV accumulator of the block handled in the previous step
-        for step, origin in enumerate(origins):
-            block = blocks[origin]
-            incoming = grad_in = None
-            if step + 1 < p.size:
-                nxt = blocks[origins[step + 1]]
-                incoming = k.new_empty((2, *k.shape[:2], nxt.size, k.shape[3])) if nxt.size else None
-                comm.send_recv(held, incoming)
-            if step > 0:
-                # The previous block's accumulator goes on; this block's arrives from behind.
-                grad_in = torch.empty((2, *k.shape[:2], block.size, k.shape[3]), dtype=acc, device=k.device)
-                comm.send_recv(grad_prev, grad_in if block.size else None)
-            comm.commit()
-            grad = None
-            if block.size:
-                grad = torch.zeros((2, *k.shape[:2], block.size, k.shape[3]), dtype=acc, device=k.device)
-                pieces, calls = ctx.steps[step]
-                if pieces:
-                    backward_(dout, q, held[0], held[1], out, lse, pieces, calls, p.scale, dq, grad[0], grad[1])
-            comm.wait()
-            if grad is not None and grad_in is not None:
-                grad += grad_in
-            grad_prev, held = grad, incoming
-        # The last block's accumulator is complete one hop later, at its owner.
-        own = torch.empty((2, *k.shape[:2], mine.size, k.shape[3]), dtype=acc, device=k.device)
-        comm.send_recv(grad_prev, own if mine.size else None)
-        comm.commit()
-        comm.wait()
+
+        def visit(step: int, held: torch.Tensor) -> torch.Tensor:
+            grad = torch.zeros(held.shape, dtype=acc, device=held.device)
+            pieces, calls = ctx.steps[step]
+            if pieces:
+                backward_(dout, q, held[0], held[1], out, lse, pieces, calls, p.scale, dq, grad[0], grad[1])
+            return grad
+
+        held = torch.stack([mine.take(k), mine.take(v)])
+        own = rotate_back(p.group, held, [b.size for b in blocks], _ROWS, visit, acc)
         dk = mine.put(own[0].to(k.dtype), k) if mine.size else torch.zeros_like(k)
         dv = mine.put(own[1].to(v.dtype), v) if mine.size else torch.zeros_like(v)
         return dq.to(q.dtype), dk, dv, None
