@@ -79,8 +79,14 @@ def _strategies(world: int) -> dict[str, dict]:
             for inter, intra in (("ring", "ring"), ("ring", "allgather"), ("allgather", "ring"))
         },
         "ring_flash_attn": {"backend": "ring_flash_attn"},
+        # allgather with a fixed number of overlapped chunks (run on request: --strategies allgather_c2 ...)
+        **{f"allgather_c{n}": {"backend": "allgather", "options": {"chunks": n}} for n in (1, 2, 4, 8)},
     }
     return variants
+
+
+def _default_strategies(variants: dict[str, dict]) -> list[str]:
+    return [name for name in variants if not name.startswith("allgather_c")]
 
 
 def _log(*args) -> None:
@@ -178,17 +184,22 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="*", default=None, help="Mosaic variants to run (default: installed)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--memory-base", type=int, default=65536, help="N of the ring memory scaling rows")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the 1-GPU kernels, torch CP and ring memory (A/B runs)"
+    )
     args = parser.parse_args()
     ctx = mosaic.init(sp_size=int(os.environ["WORLD_SIZE"]))
     world = ctx.sp_size
     results: dict[str, object] = {"gpu": gpu_name(), "torch": torch.__version__, "world": world}
     strategies = _strategies(world)
-    chosen = args.strategies or list(strategies)
+    chosen = args.strategies or _default_strategies(strategies)
     table = []
+    kernels = (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))
     for shape in (s for s in SHAPES if s.name in args.shapes):
         _log(f"== {shape}")
         row: dict[str, object] = {"shape": shape.name}
-        row.update(_one_gpu(shape, args.reps))
+        if not args.no_baselines:
+            row.update(_one_gpu(shape, args.reps))
         torch.cuda.empty_cache()
         for name in chosen:
             config = strategies[name]
@@ -206,7 +217,7 @@ def main() -> None:
                 f"{outside / 2**20:9.1f})  peak {peak:6.2f} GiB"
             )
             torch.cuda.empty_cache()
-        for kname, kernel in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        for kname, kernel in () if args.no_baselines else kernels:
             try:
                 row[f"torchCP_{kname}"] = _torch_cp(shape, kernel, args.reps)
             except Exception as exc:  # report the failure in the table instead of losing the run
@@ -214,7 +225,8 @@ def main() -> None:
             torch.cuda.empty_cache()
         table.append(row)
         results[shape.name] = row
-    results["ring_memory"] = _ring_memory(ctx, args.memory_base)
+    if not args.no_baselines:
+        results["ring_memory"] = _ring_memory(ctx, args.memory_base)
     _print_table(table, world, chosen)
     if ctx.rank == 0:
         path = os.path.join(args.out, f"bench_sp_P{world}.json")

@@ -34,6 +34,7 @@ def _configs(world: int) -> list[tuple[str, dict]]:
     configs = [
         ("ring", dict(backend="ring")),
         ("allgather", dict(backend="allgather")),
+        ("allgather chunks=3", dict(backend="allgather", backend_options={"chunks": 3})),
         ("mesh2d", dict(backend="mesh2d", mesh_shape=(2, half) if world >= 2 else (1, 1))),
         ("ulysses", dict(backend="ulysses")),
         (

@@ -125,8 +125,10 @@ def test_inter_node_bytes(world: int, local: int) -> None:
     def inter_node(rank: int, name: str, phase: str) -> int:
         received = per_rank[rank][name][phase]
         if name == "flat ring":
-            # A flat ring receives everything from sp rank - 1: another node's for a node's first rank.
-            return received.get(sp, 0) if rank % local == 0 else 0
+            # A flat ring receives from sp rank - 1 in the forward and from sp rank + 1 in the backward
+            # (it turns the other way): from another node for a node's first rank, then for its last.
+            edge = 0 if phase == "forward" else local - 1
+            return received.get(sp, 0) if rank % local == edge else 0
         return received.get(tuple(range(rank % local, world, local)), 0)
 
     pairs = [name for name in per_rank[0] if name != "flat ring"]
@@ -141,9 +143,12 @@ def test_inter_node_bytes(world: int, local: int) -> None:
         return max(sum(inter_node(r, name, phase) for phase in phases) for r in range(world))
 
     assert busiest("flat ring", ("forward",)) == (world - 1) * block
-    # Backward: the K/V blocks again, plus the fp32 dK/dV accumulators' hops back to their owners.
-    assert busiest("flat ring") == 2 * (world - 1) * block + world * block
-    assert busiest("ring/ring") == 2 * (nodes - 1) * block + nodes * block
+    # Backward: the K/V blocks again but the first (kept by the forward) and the last (the rank's own), and
+    # the fp32 dK/dV accumulators, which complete on their owners.
+    assert busiest("flat ring") == (2 * world - 3) * block
+    assert busiest("ring/ring") == (3 * nodes - 4) * block
     assert busiest("allgather/allgather") == 2 * (nodes - 1) * block
     for name in pairs:
-        assert busiest("flat ring") >= local * busiest(name), f"{name}: {busiest(name)} vs {busiest('flat ring')}"
+        # Each rank's link carries at most ~1.5/L of what the flat ring's busiest rank receives across nodes.
+        flat = busiest("flat ring")
+        assert 3 * flat >= 2 * local * busiest(name), f"{name}: {busiest(name)} vs {flat}"

@@ -32,9 +32,11 @@ CASES = [
 ]
 
 
-def _all_cases(backend: str, world: int) -> dict[str, dict[str, float]]:
+def _all_cases(backend: str, world: int, options: dict | None = None) -> dict[str, dict[str, float]]:
     mosaic.init(sp_size=world)
-    return {name: compare_with_local(backend, shape, axis, **kw) for name, shape, axis, kw in CASES}
+    return {
+        name: compare_with_local(backend, shape, axis, backend_options=options, **kw) for name, shape, axis, kw in CASES
+    }
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -44,3 +46,27 @@ def test_matches_local(backend: str, world: int) -> None:
     for rank, per_case in enumerate(results):
         for name, errors in per_case.items():
             assert max(errors.values()) < TOL, f"{backend} P={world} rank {rank} {name}: {errors}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("chunks", [2, 100])
+def test_allgather_chunks_match_local(world: int, chunks: int) -> None:
+    """Gathers and reduce-scatters overlapped by (batch x kv head) chunks, also more chunks than groups."""
+    results = run_distributed(_all_cases, world, "allgather", world, {"chunks": chunks})
+    for rank, per_case in enumerate(results):
+        for name, errors in per_case.items():
+            assert max(errors.values()) < TOL, f"allgather chunks={chunks} P={world} rank {rank} {name}: {errors}"
+
+
+def _bad_chunks() -> str:
+    mosaic.init(sp_size=2)
+    try:
+        compare_with_local("allgather", (1, 4, 2, 16), 1, backend_options={"chunks": 0})
+    except mosaic.BackendNotSupported as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_allgather_rejects_bad_chunks() -> None:
+    for message in run_distributed(_bad_chunks, 2):
+        assert "chunks=0 must be a positive int" in message

@@ -135,11 +135,36 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
     """Fold a partial result into an accumulator, in place (fp32 ``out``/``lse``).
 
     Rows with no key on either side (``lse = -inf``) stay ``out = 0, lse = -inf``: no NaN.
+    Two passes over ``out`` (scale, then add the weighted block); the rest is per row.
     """
     new = torch.logaddexp(lse, block_lse)
     safe = new.masked_fill(torch.isneginf(new), 0.0)
-    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(block_out * torch.exp(block_lse - safe).unsqueeze(-1))
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).addcmul_(block_out, torch.exp(block_lse - safe).unsqueeze(-1))
     lse.copy_(new)
+
+
+class Partial:
+    """Attention of the local queries to the key blocks seen so far: fp32 ``out`` and ``lse``.
+
+    The first block is taken as it is (no merge into zeros); :meth:`result`
+    gives ``out = 0, lse = -inf`` when no block had a visible key.
+    """
+
+    def __init__(self, q: torch.Tensor):
+        self.q = q
+        self.out: torch.Tensor | None = None
+        self.lse: torch.Tensor | None = None
+
+    def add(self, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+        if self.out is None:
+            self.out, self.lse = block_out.to(lse_dtype(self.q.dtype)), block_lse
+        else:
+            merge_(self.out, self.lse, block_out, block_lse)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.out is None:
+            return empty_partial(self.q)
+        return self.out, self.lse
 
 
 def empty_partial(q: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,18 +203,17 @@ def accumulate(
     k_spans: tuple[Span, ...],
     causal: bool,
     scale: float,
-    out: torch.Tensor,
-    lse: torch.Tensor,
+    partial: Partial,
 ) -> tuple[list[Piece], list[KernelCall | None]]:
-    """Fold the attention of ``q`` to one key block into the fp32 accumulators ``out``/``lse``.
+    """Fold the attention of ``q`` to one key block into ``partial``.
 
-    Returns the plan and kernel calls, which :func:`backward_` needs for this block.
+    Returns the plan and kernel calls, which :func:`block_grads` needs for this block.
     """
     pieces = plan(q_spans, k_spans, causal=causal) if k.shape[2] else []
     calls: list[KernelCall | None] = []
     if pieces:
         block_out, block_lse, calls = forward(q, k, v, pieces, scale)
-        merge_(out, lse, block_out, block_lse)
+        partial.add(block_out, block_lse)
     return pieces, calls
 
 
@@ -225,6 +249,39 @@ def backward_(
         dv[:, :, p.k] += g[2]
 
 
+def _whole(pieces: list[Piece], q: torch.Tensor, k: torch.Tensor) -> bool:
+    """One full piece covering every query and key row: the kernel's gradients are the plan's."""
+    return len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]) and pieces[0].k == slice(0, k.shape[2])
+
+
+def block_grads(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pieces: list[Piece],
+    calls: list[KernelCall | None],
+    scale: float,
+    dq: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Add one key block's share of dQ into ``dq`` (fp32); return the block's ``(dk, dv)``, unrounded.
+
+    ``None`` when no query sees the block. For a caller that sums dK/dV over
+    ranks: it adds them straight into its accumulator, with no zeroed copy.
+    """
+    if not pieces:
+        return None
+    if _whole(pieces, q, k):
+        dq_block, dk, dv = attention_backward(dout, q, k, v, out, lse, calls[0], causal=pieces[0].causal, scale=scale)
+        dq += dq_block
+        return dk, dv
+    dk, dv = (torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in (k, v))
+    backward_(dout, q, k, v, out, lse, pieces, calls, scale, dq, dk, dv)
+    return dk, dv
+
+
 def backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -235,16 +292,20 @@ def backward(
     pieces: list[Piece],
     calls: list[KernelCall | None],
     scale: float,
+    round_kv: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of a plan, in the inputs' dtypes."""
-    if len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]) and pieces[0].k == slice(0, k.shape[2]):
+    """Gradients of a plan; dq in q's dtype, dk/dv in k's and v's or, with ``round_kv=False``,
+    unrounded (fp32 when they were summed over blocks or grouped heads) for a caller that sums them further."""
+    if _whole(pieces, q, k):
         p = pieces[0]
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse, calls[0], causal=p.causal, scale=scale)
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
-    acc = lse_dtype(q.dtype)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
-    backward_(dout, q, k, v, out, lse, pieces, calls, scale, dq, dk, dv)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    else:
+        acc = lse_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        backward_(dout, q, k, v, out, lse, pieces, calls, scale, dq, dk, dv)
+    if round_kv:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk, dv
 
 
 class SpanAttention(torch.autograd.Function):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,13 +65,55 @@ def _record(group: dist.ProcessGroup, per_sender: list[int]) -> None:
                 meter.received_from[src] += nbytes
 
 
-def _row_bytes(x: torch.Tensor) -> int:
-    """Bytes of one slice along dim 0."""
-    return math.prod(x.shape[1:]) * x.element_size()
+def _slice_bytes(x: torch.Tensor, dim: int) -> int:
+    """Bytes of one slice of ``x`` along ``dim``."""
+    return math.prod(n for i, n in enumerate(x.shape) if i != dim) * x.element_size()
 
 
 def _is_gloo(group: dist.ProcessGroup | None) -> bool:
     return dist.get_backend(group) == "gloo"
+
+
+class Pending:
+    """A collective in flight. :meth:`wait` makes the current stream wait for it and returns its result.
+
+    Starting several and waiting for each just before its result is needed is
+    how strategies overlap communication with their kernels.
+    """
+
+    def __init__(self, work: dist.Work | None, finish: Callable[[], torch.Tensor]):
+        self._work, self._finish = work, finish
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        return self._finish()
+
+
+def start_all_gather(x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup) -> Pending:
+    """Start :func:`all_gather_uneven`; ``wait()`` returns its (contiguous) result."""
+    rank = dist.get_rank(group)
+    if x.shape[dim] != sizes[rank]:
+        raise ValueError(f"rank {rank} holds {x.shape[dim]} rows along dim {dim}, expected {sizes[rank]}")
+    _record(group, [0 if r == rank else n * _slice_bytes(x, dim) for r, n in enumerate(sizes)])
+    x = x.contiguous()
+    if len(set(sizes)) == 1 or _is_gloo(group):
+        width = max(sizes)
+        if x.shape[dim] < width:
+            x = torch.cat([x, resized(x, width - x.shape[dim], dim).zero_()], dim)
+        flat = x.new_empty((len(sizes) * x.shape[0], *x.shape[1:]))  # rank-major; gloo wants this shape
+        work = all_gather_single(flat, x, group=group, async_op=True)
+        if dim == 0 and len(set(sizes)) == 1:
+            return Pending(work, lambda: flat)
+        # One copy puts every rank's rows in place along ``dim``.
+        per_rank = flat.view(len(sizes), *x.shape)
+        return Pending(
+            work, lambda: torch.cat([t.narrow(dim, 0, n) for t, n in zip(per_rank, sizes, strict=True)], dim)
+        )
+    # Unequal sizes (NCCL): every rank's rows arrive in their own buffer; ranks holding none send nothing.
+    parts = [resized(x, n, dim) for n in sizes]
+    work = dist.all_gather(parts, x, group=group, async_op=True)
+    return Pending(work, lambda: torch.cat(parts, dim))
 
 
 def all_gather_uneven(x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -79,40 +121,43 @@ def all_gather_uneven(x: torch.Tensor, sizes: list[int], dim: int, group: dist.P
 
     Equal sizes use one ``all_gather`` into a single buffer; unequal sizes let
     NCCL move exactly the rows that exist (ranks holding none send nothing);
-    gloo, which needs equal sizes, pads.
+    gloo, which needs equal sizes, pads. The result is contiguous.
     """
-    rank = dist.get_rank(group)
-    if x.shape[dim] != sizes[rank]:
-        raise ValueError(f"rank {rank} holds {x.shape[dim]} rows along dim {dim}, expected {sizes[rank]}")
-    x = x.movedim(dim, 0)
-    _record(group, [0 if r == rank else n * _row_bytes(x) for r, n in enumerate(sizes)])
-    if len(set(sizes)) == 1 or _is_gloo(group):
-        width = max(sizes)
-        padded = x if x.shape[0] == width else torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
-        out = x.new_empty((len(sizes) * width, *x.shape[1:]))
-        all_gather_single(out, padded.contiguous(), group=group)
-        if len(set(sizes)) != 1:
-            out = torch.cat([out[r * width : r * width + n] for r, n in enumerate(sizes)])
-    else:
-        parts = [x.new_empty((n, *x.shape[1:])) for n in sizes]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        out = torch.cat(parts)
-    return out.movedim(0, dim)
+    return start_all_gather(x, sizes, dim, group).wait()
 
 
-def reduce_scatter_uneven(x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """Sum ``x`` over ranks and give rank ``r`` rows ``[sum(sizes[:r]), sum(sizes[:r+1]))`` along ``dim``."""
-    rank = dist.get_rank(group)
-    x = x.movedim(dim, 0)
-    _record(group, [0 if r == rank else sizes[rank] * _row_bytes(x) for r in range(len(sizes))])
+def start_reduce_scatter(
+    x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup, dtype: torch.dtype | None = None
+) -> Pending:
+    """Start :func:`reduce_scatter_uneven`, summing in ``dtype`` (default ``x``'s).
+
+    The conversion to ``dtype`` happens in the one copy that lays the rows out
+    rank by rank for the collective.
+    """
+    rank, dtype = dist.get_rank(group), dtype or x.dtype
+    _record(group, [0 if r == rank else sizes[rank] * _slice_bytes(x, dim) for r in range(len(sizes))])
+    chunks = x.split(sizes, dim)
+    out = resized(x, sizes[rank], dim, dtype)
     if len(set(sizes)) == 1:
-        out = x.new_empty((sizes[rank], *x.shape[1:]))
-        reduce_scatter_single(out, x.contiguous(), group=group)
+        if dim == 0 and x.dtype == dtype and x.is_contiguous():
+            flat = x
+        else:
+            flat = x.new_empty((len(sizes) * out.shape[0], *out.shape[1:]), dtype=dtype)  # rank-major
+            for row, chunk in zip(flat.view(len(sizes), *out.shape), chunks, strict=True):
+                row.copy_(chunk)
+        work = reduce_scatter_single(out, flat, group=group, async_op=True)
     else:
-        parts = [p.contiguous() for p in x.split(sizes)]
-        out = x.new_empty((sizes[rank], *x.shape[1:]))
-        dist.reduce_scatter(out, parts, group=group)
-    return out.movedim(0, dim)
+        parts = [resized(chunk, chunk.shape[dim], dim, dtype).copy_(chunk) for chunk in chunks]
+        work = dist.reduce_scatter(out, parts, group=group, async_op=True)
+    return Pending(work, lambda: out)
+
+
+def reduce_scatter_uneven(
+    x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Sum ``x`` over ranks (in ``dtype``, default ``x``'s) and give rank ``r`` rows
+    ``[sum(sizes[:r]), sum(sizes[:r+1]))`` along ``dim``."""
+    return start_reduce_scatter(x, sizes, dim, group, dtype).wait()
 
 
 class GatherAlong(torch.autograd.Function):
@@ -129,8 +174,9 @@ class GatherAlong(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        wide = grad.to(torch.promote_types(grad.dtype, torch.float32))
-        return reduce_scatter_uneven(wide, ctx.sizes, ctx.dim, ctx.group).to(grad.dtype), None, None, None
+        wide = torch.promote_types(grad.dtype, torch.float32)
+        summed = reduce_scatter_uneven(grad, ctx.sizes, ctx.dim, ctx.group, wide)
+        return summed.to(grad.dtype), None, None, None
 
 
 def gather_along(x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -169,7 +215,7 @@ def all_to_all_uneven(
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((sum(recv), *x.shape[1:]))
     me = dist.get_rank(group)
-    _record(group, [0 if r == me else n * _row_bytes(out) for r, n in enumerate(recv)])
+    _record(group, [0 if r == me else n * _slice_bytes(out, 0) for r, n in enumerate(recv)])
     dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group)
     return out.movedim(0, dim)
 
@@ -177,22 +223,29 @@ def all_to_all_uneven(
 class RingComm:
     """Double-buffered neighbour exchange over ``batch_isend_irecv``.
 
-    ``send_recv`` posts the sends and receives of one step, ``commit`` starts
+    ``send_recv`` queues the sends and receives of one step, ``commit`` starts
     them, ``wait`` finishes them, so a step's compute overlaps its transfer.
-    A rank passes ``None`` to skip a direction; both ends of a transfer must
-    agree, which they do because every rank knows every rank's layout.
+    A transfer queued ``late`` starts with ``commit(late=True)``, after the
+    step's compute (see :class:`Pace`). A rank passes ``None`` to skip a
+    direction; both ends of a transfer must agree, which they do because every
+    rank knows every rank's layout.
     """
 
-    def __init__(self, group: dist.ProcessGroup):
+    def __init__(self, group: dist.ProcessGroup, reverse: bool = False):
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
-        self._ops: list[dist.P2POp] = []
+        step = -1 if reverse else 1
+        self.next_rank, self.prev_rank = (self.rank + step) % self.size, (self.rank - step) % self.size
+        self.next = dist.get_global_rank(group, self.next_rank)
+        self.prev = dist.get_global_rank(group, self.prev_rank)
+        self._queued: dict[bool, list[dist.P2POp]] = {False: [], True: []}
+        self._started: list[dist.P2POp] = []
         self._reqs: list = []
 
-    def send_recv(self, send: torch.Tensor | None, recv: torch.Tensor | None) -> None:
+    def send_recv(
+        self, send: torch.Tensor | None, recv: torch.Tensor | None, late_send: bool = False, late_recv: bool = False
+    ) -> None:
         """Queue sending ``send`` to the next rank and receiving ``recv`` from the previous one.
 
         ``None`` or an empty tensor posts nothing; both ends know the sizes, so both skip.
@@ -200,22 +253,62 @@ class RingComm:
         send = send if send is not None and send.numel() else None
         recv = recv if recv is not None and recv.numel() else None
         if send is not None:
-            self._ops.append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.group))
+            self._queued[late_send].append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.group))
         if recv is not None:
-            self._ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
+            self._queued[late_recv].append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
             sizes = [0] * self.size
-            sizes[(self.rank - 1) % self.size] = recv.numel() * recv.element_size()
+            sizes[self.prev_rank] = recv.numel() * recv.element_size()
             _record(self.group, sizes)
 
-    def commit(self) -> None:
-        if self._ops:
-            self._reqs = dist.batch_isend_irecv(self._ops)
+    def commit(self, late: bool = False) -> None:
+        """Start the queued transfers (``late``: those queued to follow the step's compute)."""
+        ops = self._queued[late]
+        if ops:
+            self._reqs += dist.batch_isend_irecv(ops)
+            self._started += ops
+            self._queued[late] = []
 
     def wait(self) -> None:
         for req in self._reqs:
             req.wait()
         # The ops hold the buffers until the transfers are done.
-        self._ops, self._reqs = [], []
+        self._started, self._reqs = [], []
+
+
+class Pace:
+    """Where to place each ring transfer, from which ranks compute at which steps.
+
+    A transfer's NCCL kernel occupies SMs from its start until both ends have
+    started it. When one end reaches a step having computed fewer blocks than
+    the other (a rank holding no keys under ``kv_len``, say), its kernel would
+    wait there through that end's whole compute and slow it; that end starts
+    the transfer after its compute instead. The model counts blocks computed
+    (each as one unit), so every rank derives the same placement. A transfer
+    is late only at the end that arrives strictly earlier, so a late start
+    never waits, in a cycle, on another late start: no deadlock.
+    """
+
+    def __init__(self, busy: Sequence[Sequence[bool]] | None, comm: RingComm, steps: Sequence[int]):
+        """``busy[g][s]``: group rank ``g`` computes at step ``s``; ``steps``: the order they run in."""
+        self.busy, self.comm = busy, comm
+        self.arrival: list[dict[int, int]] = []
+        for row in busy or ():
+            done, arrival = 0, {}
+            for s in steps:
+                arrival[s] = done
+                done += bool(row[s])
+            self.arrival.append(arrival)
+
+    def late(self, step: int, peer: int) -> bool:
+        """Whether this rank starts its transfer with group rank ``peer`` at ``step`` after its compute."""
+        if self.busy is None:
+            return False
+        me = self.comm.rank
+        return bool(self.busy[me][step]) and self.arrival[me][step] < self.arrival[peer][step]
+
+    def send_recv(self, step: int, send: torch.Tensor | None, recv: torch.Tensor | None) -> None:
+        comm = self.comm
+        comm.send_recv(send, recv, self.late(step, comm.next_rank), self.late(step, comm.prev_rank))
 
 
 def resized(like: torch.Tensor, rows: int, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -231,60 +324,95 @@ def rotate(
     rows: list[int],
     dim: int,
     visit: Callable[[int, torch.Tensor], None],
-) -> None:
+    busy: Sequence[Sequence[bool]] | None = None,
+) -> torch.Tensor:
     """Pass blocks round the ring of ``group``, double-buffered.
 
     At step ``s`` this rank holds a block of ``rows[s]`` rows along ``dim``
     (step 0: ``held``, its own); ``visit(s, block)`` runs while the block for
     step ``s + 1`` arrives from the previous rank and this one goes to the next.
-    Blocks without rows travel nowhere.
+    Blocks without rows travel nowhere. ``busy[g][s]`` (optional) says whether
+    group rank ``g`` computes at step ``s``, to place transfers (:class:`Pace`).
+    Returns the block of the last step, which :func:`rotate_back` starts from.
     """
     comm = RingComm(group)
+    pace = Pace(busy, comm, range(len(rows)))
     for step in range(len(rows)):
         incoming = None
         if step + 1 < len(rows):
             incoming = resized(held, rows[step + 1], dim)
-            comm.send_recv(held, incoming)
+            pace.send_recv(step, held, incoming)
             comm.commit()
         visit(step, held)
+        comm.commit(late=True)
         comm.wait()
-        held = incoming
+        if incoming is not None:
+            held = incoming
+    return held
 
 
 def rotate_back(
     group: dist.ProcessGroup,
-    held: torch.Tensor,
+    own: torch.Tensor,
     rows: list[int],
     dim: int,
-    visit: Callable[[int, torch.Tensor], torch.Tensor],
+    visit: Callable[[int, torch.Tensor], Sequence[torch.Tensor] | None],
     acc_dtype: torch.dtype,
+    last: torch.Tensor | None = None,
+    busy: Sequence[Sequence[bool]] | None = None,
 ) -> torch.Tensor:
-    """The backward twin of :func:`rotate`: blocks go round again, each with a gradient accumulator.
+    """The backward twin of :func:`rotate`: the blocks come round again in reverse, each with a gradient accumulator.
 
-    ``visit(s, block)`` returns this rank's gradient for the block it holds at
-    step ``s`` (``acc_dtype``, shaped like the block). Each accumulator follows
-    its block, every rank adds to it, and one last hop brings it to the block's
-    owner. Returns the complete accumulator of this rank's own block.
+    ``rows`` is what :func:`rotate` got. The steps run backwards, ``s = P-1 ..
+    0``, and blocks travel the other way (from the next rank to the previous):
+    the first is the block :func:`rotate` returned (pass it as ``last``, else
+    it is fetched from the next rank), the final one this rank's ``own``.
+    ``visit(s, block)`` returns this rank's gradient of the block as parts
+    along dim 0 (a tensor shaped like the block, or e.g. ``(dK, dV)``), or
+    ``None`` for none. Each block's accumulator (``acc_dtype``) travels with
+    it and every rank adds to it; it is complete when it reaches the owner at
+    step 0, so no transfer follows the last kernel. ``busy`` is :func:`rotate`'s.
+    Returns the accumulator of ``own``.
     """
-    comm = RingComm(group)
-    grad_prev = None  # the accumulator of the block visited in the previous step
-    for step in range(len(rows)):
+    size = len(rows)
+    comm = RingComm(group, reverse=True)
+    pace = Pace(busy, comm, range(size - 1, -1, -1))
+    if size == 1:
+        last = own
+    elif last is None:
+        last = resized(own, rows[-1], dim)
+        comm.send_recv(own, last)
+        comm.commit()
+        comm.wait()
+    held, done = last, None  # done: the complete-so-far accumulator of the block visited before
+    for step in range(size - 1, -1, -1):
         incoming = grad_in = None
-        if step + 1 < len(rows):
-            incoming = resized(held, rows[step + 1], dim)
-            comm.send_recv(held, incoming)
-        if step > 0:
-            # The previous block's accumulator goes on; this block's arrives from behind.
+        if step >= 2:  # the block of step - 1 travels; at step 0 it is this rank's own
+            incoming = resized(held, rows[step - 1], dim)
+            pace.send_recv(step, held, incoming)
+        if done is not None:
             grad_in = resized(held, rows[step], dim, acc_dtype)
-            comm.send_recv(grad_prev, grad_in)
+            pace.send_recv(step, done, grad_in)
         comm.commit()
         grad = visit(step, held)
+        comm.commit(late=True)
         comm.wait()
-        if grad_in is not None:
-            grad += grad_in
-        grad_prev, held = grad, incoming
-    own = resized(grad_prev, rows[0], dim)
-    comm.send_recv(grad_prev, own)
-    comm.commit()
-    comm.wait()
-    return own
+        done = _add_parts(grad_in, grad, held, acc_dtype)
+        held = incoming if step >= 2 else own
+    return done
+
+
+def _add_parts(
+    acc: torch.Tensor | None, parts: Sequence[torch.Tensor] | None, like: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``acc + stack(parts)`` in place; a new accumulator shaped like ``like`` when ``acc`` is None."""
+    if parts is None:
+        return torch.zeros_like(like, dtype=dtype) if acc is None else acc
+    if acc is None:
+        acc = like.new_empty(like.shape, dtype=dtype)
+        for a, part in zip(acc, parts, strict=True):
+            a.copy_(part)
+    else:
+        for a, part in zip(acc, parts, strict=True):
+            a.add_(part)
+    return acc

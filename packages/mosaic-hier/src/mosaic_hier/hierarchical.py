@@ -19,10 +19,12 @@ ring/ring is LoongTrain's double ring: the next block crosses between nodes
 while the inner ring runs, and partial results merge with their log-sum-exp
 (fp32). After the outer steps every rank has seen every key block once.
 
-Backward runs the same schedule. The inner level returns the gradient of what
-this rank holds (the inner ring carries fp32 dK/dV accumulators back to their
-holder; the inner all-gather reduce-scatters them); the outer ring carries
-that accumulator along the rail to the block's owner, the outer all-gather
+Backward runs the schedule in reverse (:func:`mosaic.comm.rotate_back`: rings
+turn the other way and end on each rank's own block). The inner level returns
+the gradient of what this rank holds (the inner ring carries fp32 dK/dV
+accumulators to their holder; the inner all-gather reduce-scatters them); the
+outer ring carries that accumulator along the rail to the block's owner,
+starting from the rail block the forward kept last; the outer all-gather
 reduce-scatters it. Inner all-gathers are repeated in backward under an outer
 ring (keeping them would cost O(N) memory) and kept under an outer all-gather.
 
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaic.blockwise import Piece, accumulate, backward_, empty_partial
+from mosaic.blockwise import Partial, Piece, accumulate, block_grads
 from mosaic.comm import all_gather_uneven, reduce_scatter_uneven, resized, rotate, rotate_back
 from mosaic.kernels import KernelCall, lse_dtype
 from mosaic.layout import Span
@@ -75,18 +77,14 @@ def holdings(p: AttentionProblem, topo: Topology, inter: str) -> list[list[Holdi
     return [[rail(lr, [(topo.node - j) % topo.nodes]) for lr in range(topo.local)] for j in range(topo.nodes)]
 
 
-def _attend(p: AttentionProblem, q, kv, spans, out, lse) -> Step:
-    """Fold the local queries' attention to ``kv`` (at ``spans``) into ``out``/``lse``."""
-    return accumulate(q, kv[0], kv[1], p.q_spans, spans, p.causal, p.scale, out, lse)
+def _attend(p: AttentionProblem, q, kv, spans, partial: Partial) -> Step:
+    """Fold the local queries' attention to ``kv`` (at ``spans``) into ``partial``."""
+    return accumulate(q, kv[0], kv[1], p.q_spans, spans, p.causal, p.scale, partial)
 
 
-def _attend_backward(p: AttentionProblem, dout, q, out, lse, kv, step: Step, dq) -> torch.Tensor:
-    """Add this step's dQ into ``dq``; return dK/dV of ``kv`` (fp32, stacked)."""
-    grad = torch.zeros(kv.shape, dtype=dq.dtype, device=kv.device)
-    pieces, calls = step
-    if pieces:
-        backward_(dout, q, kv[0], kv[1], out, lse, pieces, calls, p.scale, dq, grad[0], grad[1])
-    return grad
+def _attend_backward(p: AttentionProblem, dout, q, out, lse, kv, step: Step, dq):
+    """Add this step's dQ into ``dq``; return ``(dK, dV)`` of ``kv`` (unrounded), or None."""
+    return block_grads(dout, q, kv[0], kv[1], out, lse, *step, p.scale, dq)
 
 
 class _NodeGather:
@@ -95,13 +93,13 @@ class _NodeGather:
     def __init__(self, p: AttentionProblem, topo: Topology, keep: bool):
         self.p, self.topo, self.keep = p, topo, keep
 
-    def forward(self, q, held, node: list[Holding], out, lse) -> tuple[list[Step], torch.Tensor | None]:
-        """Merge the node's holdings into ``out``/``lse``; return what backward needs."""
+    def forward(self, q, held, node: list[Holding], partial: Partial) -> tuple[list[Step], torch.Tensor | None]:
+        """Merge the node's holdings into ``partial``; return what backward needs."""
         sizes = [h.size for h in node]
         if not sum(sizes):
             return [([], [])], None
         kv = all_gather_uneven(held, sizes, ROWS, self.topo.intra)
-        step = _attend(self.p, q, kv, tuple(s for h in node for s in h.spans), out, lse)
+        step = _attend(self.p, q, kv, tuple(s for h in node for s in h.spans), partial)
         return [step], kv if self.keep else None
 
     def backward(self, dout, q, out, lse, held, node: list[Holding], saved, dq) -> torch.Tensor:
@@ -112,8 +110,9 @@ class _NodeGather:
             return resized(held, 0, ROWS, dq.dtype)
         if kv is None:
             kv = all_gather_uneven(held, sizes, ROWS, self.topo.intra)
-        grad = _attend_backward(self.p, dout, q, out, lse, kv, steps[0], dq)
-        return reduce_scatter_uneven(grad, sizes, ROWS, self.topo.intra)
+        parts = _attend_backward(self.p, dout, q, out, lse, kv, steps[0], dq)
+        grad = torch.zeros(kv.shape, dtype=dq.dtype, device=kv.device) if parts is None else torch.stack(parts)
+        return reduce_scatter_uneven(grad, sizes, ROWS, self.topo.intra, dq.dtype)
 
 
 class _NodeRing:
@@ -127,12 +126,12 @@ class _NodeRing:
         local, me = self.topo.local, self.topo.local_rank
         return [node[(me - i) % local] for i in range(local)]
 
-    def forward(self, q, held, node: list[Holding], out, lse) -> tuple[list[Step], None]:
-        """Merge the node's holdings into ``out``/``lse``; return what backward needs."""
+    def forward(self, q, held, node: list[Holding], partial: Partial) -> tuple[list[Step], None]:
+        """Merge the node's holdings into ``partial``; return what backward needs."""
         order, steps = self._order(node), []
         rotate(
             self.topo.intra, held, [h.size for h in order], ROWS,
-            lambda i, kv: steps.append(_attend(self.p, q, kv, order[i].spans, out, lse)),
+            lambda i, kv: steps.append(_attend(self.p, q, kv, order[i].spans, partial)),
         )  # fmt: skip
         return steps, None
 
@@ -159,18 +158,19 @@ class HierarchicalAttentionFunction(torch.autograd.Function):
         )
         mine = p.kv_block(p.rank)
         held = torch.stack([mine.take(k), mine.take(v)])
-        out, lse = empty_partial(q)
-        saved = []
+        partial, saved = Partial(q), []
         if opts.inter_node_strategy == "allgather":
             rail = _rail_sizes(p, topo)
             held = all_gather_uneven(held, rail, ROWS, topo.inter) if sum(rail) else held
             ctx.rail_held = held
-            saved.append(inner.forward(q, held, schedule[0], out, lse))
+            saved.append(inner.forward(q, held, schedule[0], partial))
         else:
-            rotate(
+            # The rail block seen last is kept: the backward's rail ring starts from it.
+            ctx.rail_last = rotate(
                 topo.inter, held, [node[topo.local_rank].size for node in schedule], ROWS,
-                lambda j, kv: saved.append(inner.forward(q, kv, schedule[j], out, lse)),
+                lambda j, kv: saved.append(inner.forward(q, kv, schedule[j], partial)),
             )  # fmt: skip
+        out, lse = partial.result()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem, ctx.topo, ctx.opts, ctx.schedule, ctx.inner, ctx.saved = p, topo, opts, schedule, inner, saved
@@ -201,10 +201,10 @@ def _rail_sizes(p: AttentionProblem, topo: Topology) -> list[int]:
 
 
 def _outer_ring_backward(dout, q, out, lse, held, ctx, dq) -> torch.Tensor:
-    """The rail ring of backward: blocks go round again, each with its fp32 dK/dV accumulator."""
+    """The rail ring of backward: blocks come round again, each with its fp32 dK/dV accumulator."""
     topo: Topology = ctx.topo
     schedule, inner, saved = ctx.schedule, ctx.inner, ctx.saved
     return rotate_back(
         topo.inter, held, [node[topo.local_rank].size for node in schedule], ROWS,
-        lambda j, kv: inner.backward(dout, q, out, lse, kv, schedule[j], saved[j], dq), dq.dtype,
+        lambda j, kv: inner.backward(dout, q, out, lse, kv, schedule[j], saved[j], dq), dq.dtype, last=ctx.rail_last,
     )  # fmt: skip

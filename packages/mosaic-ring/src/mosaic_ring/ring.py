@@ -3,10 +3,12 @@
 Forward: at step ``s`` rank ``r`` holds the key block that started on rank
 ``r - s``, sends it on to ``r + 1`` and receives the next from ``r - 1``
 while it computes (double-buffered ``batch_isend_irecv``); partial results are
-merged with their log-sum-exp in fp32. Backward: the blocks go round again,
-each with an fp32 accumulator of its dK/dV that every rank adds to and that
-finally returns to the owner; dQ accumulates locally. Kernels' backwards get
-the final ``out``/``lse``, so nothing is recomputed and no score matrix exists.
+merged with their log-sum-exp in fp32. Backward: the blocks go round again
+the other way, in reverse order, each with an fp32 accumulator of its dK/dV
+that every rank adds to; it starts from the block the forward kept last and
+ends with each rank's own, so the accumulators are complete on their owners
+without a last transfer. dQ accumulates locally. Kernels' backwards get the
+final ``out``/``lse``, so nothing is recomputed and no score matrix exists.
 
 Only key rows below ``kv_len`` travel; a block with none is neither sent nor
 computed. Causal attention balances with the zigzag layout
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from mosaic.backend import Backend, Capabilities
-from mosaic.blockwise import accumulate, backward_, empty_partial, span_attention
+from mosaic.blockwise import Partial, accumulate, block_grads, span_attention
 from mosaic.comm import rotate, rotate_back
 from mosaic.kernels import lse_dtype
 from mosaic.problem import AttentionProblem
@@ -46,6 +48,13 @@ def _origins(p: AttentionProblem) -> list[int]:
     return [(p.rank - step) % p.size for step in range(p.size)]
 
 
+def _busy(p: AttentionProblem) -> list[list[bool]]:
+    """``[g][s]``: rank ``g`` has queries and a non-empty key block at step ``s`` (places transfers)."""
+    keys = [p.kv_block(r).size for r in range(p.size)]
+    queries = [sum(b - a for a, b in p.q_layout.spans(r)) for r in range(p.size)]
+    return [[queries[g] > 0 and keys[(g - s) % p.size] > 0 for s in range(p.size)] for g in range(p.size)]
+
+
 # K and V travel stacked as (2, batch, kv_heads, rows, head_dim).
 _ROWS = 3
 
@@ -56,37 +65,35 @@ class RingAttention(torch.autograd.Function):
         q = q.contiguous()  # once here, not in every step's kernel call
         blocks = [p.kv_block(origin) for origin in _origins(p)]
         mine = blocks[0]
-        out, lse = empty_partial(q)
-        steps = []
+        partial, steps = Partial(q), []
 
         def visit(step: int, held: torch.Tensor) -> None:
-            steps.append(accumulate(q, held[0], held[1], p.q_spans, blocks[step].spans, p.causal, p.scale, out, lse))
+            steps.append(accumulate(q, held[0], held[1], p.q_spans, blocks[step].spans, p.causal, p.scale, partial))
 
-        rotate(p.group, torch.stack([mine.take(k), mine.take(v)]), [b.size for b in blocks], _ROWS, visit)
+        # The block seen last is kept: the backward starts from it without a transfer.
+        busy = _busy(p)
+        held = torch.stack([mine.take(k), mine.take(v)])
+        last = rotate(p.group, held, [b.size for b in blocks], _ROWS, visit, busy)
+        out, lse = partial.result()
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem, ctx.steps = p, steps
+        ctx.save_for_backward(q, k, v, out, lse, last)
+        ctx.problem, ctx.steps, ctx.busy = p, steps, busy
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, last = ctx.saved_tensors
         dout = dout.contiguous()
         p: AttentionProblem = ctx.problem
         blocks = [p.kv_block(origin) for origin in _origins(p)]
         mine = blocks[0]
-        acc = lse_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dq = torch.zeros(q.shape, dtype=lse_dtype(q.dtype), device=q.device)
 
-        def visit(step: int, held: torch.Tensor) -> torch.Tensor:
-            grad = torch.zeros(held.shape, dtype=acc, device=held.device)
-            pieces, calls = ctx.steps[step]
-            if pieces:
-                backward_(dout, q, held[0], held[1], out, lse, pieces, calls, p.scale, dq, grad[0], grad[1])
-            return grad
+        def visit(step: int, held: torch.Tensor):
+            return block_grads(dout, q, held[0], held[1], out, lse, *ctx.steps[step], p.scale, dq)
 
-        held = torch.stack([mine.take(k), mine.take(v)])
-        own = rotate_back(p.group, held, [b.size for b in blocks], _ROWS, visit, acc)
-        dk = mine.put(own[0].to(k.dtype), k) if mine.size else torch.zeros_like(k)
-        dv = mine.put(own[1].to(v.dtype), v) if mine.size else torch.zeros_like(v)
+        own = torch.stack([mine.take(k), mine.take(v)])
+        grad = rotate_back(p.group, own, [b.size for b in blocks], _ROWS, visit, dq.dtype, last, ctx.busy)
+        dk = mine.put(grad[0].to(k.dtype), k) if mine.size else torch.zeros_like(k)
+        dv = mine.put(grad[1].to(v.dtype), v) if mine.size else torch.zeros_like(v)
         return dq.to(q.dtype), dk, dv, None
