@@ -300,9 +300,9 @@ def backward(
         p = pieces[0]
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse, calls[0], causal=p.causal, scale=scale)
     else:
-        acc = lse_dtype(q.dtype)
-        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
-        backward_(dout, q, k, v, out, lse, pieces, calls, scale, dq, dk, dv)
+        dq = torch.zeros(q.shape, dtype=lse_dtype(q.dtype), device=q.device)
+        grads = block_grads(dout, q, k, v, out, lse, pieces, calls, scale, dq)
+        dk, dv = grads or (torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in (k, v))
     if round_kv:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     return dq.to(q.dtype), dk, dv

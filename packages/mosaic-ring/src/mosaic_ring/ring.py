@@ -48,9 +48,12 @@ def _origins(p: AttentionProblem) -> list[int]:
     return [(p.rank - step) % p.size for step in range(p.size)]
 
 
-def _busy(p: AttentionProblem) -> list[list[bool]]:
-    """``[g][s]``: rank ``g`` has queries and a non-empty key block at step ``s`` (places transfers)."""
-    keys = [p.kv_block(r).size for r in range(p.size)]
+def _busy(p: AttentionProblem, rows: list[int]) -> list[list[bool]]:
+    """``[g][s]``: rank ``g`` has queries and a non-empty key block at step ``s`` (places transfers).
+
+    ``rows[s]``: rows of the block this rank holds at step ``s``, i.e. of rank ``rank - s``.
+    """
+    keys = [rows[(p.rank - r) % p.size] for r in range(p.size)]
     queries = [sum(b - a for a, b in p.q_layout.spans(r)) for r in range(p.size)]
     return [[queries[g] > 0 and keys[(g - s) % p.size] > 0 for s in range(p.size)] for g in range(p.size)]
 
@@ -71,13 +74,14 @@ class RingAttention(torch.autograd.Function):
             steps.append(accumulate(q, held[0], held[1], p.q_spans, blocks[step].spans, p.causal, p.scale, partial))
 
         # The block seen last is kept: the backward starts from it without a transfer.
-        busy = _busy(p)
+        rows = [b.size for b in blocks]
+        busy = _busy(p, rows)
         held = torch.stack([mine.take(k), mine.take(v)])
-        last = rotate(p.group, held, [b.size for b in blocks], _ROWS, visit, busy)
+        last = rotate(p.group, held, rows, _ROWS, visit, busy)
         out, lse = partial.result()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, last)
-        ctx.problem, ctx.steps, ctx.busy = p, steps, busy
+        ctx.problem, ctx.steps, ctx.busy, ctx.rows = p, steps, busy, rows
         return out
 
     @staticmethod
@@ -85,15 +89,14 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse, last = ctx.saved_tensors
         dout = dout.contiguous()
         p: AttentionProblem = ctx.problem
-        blocks = [p.kv_block(origin) for origin in _origins(p)]
-        mine = blocks[0]
+        mine = p.kv_block(p.rank)
         dq = torch.zeros(q.shape, dtype=lse_dtype(q.dtype), device=q.device)
 
         def visit(step: int, held: torch.Tensor):
             return block_grads(dout, q, held[0], held[1], out, lse, *ctx.steps[step], p.scale, dq)
 
         own = torch.stack([mine.take(k), mine.take(v)])
-        grad = rotate_back(p.group, own, [b.size for b in blocks], _ROWS, visit, dq.dtype, last, ctx.busy)
+        grad = rotate_back(p.group, own, ctx.rows, _ROWS, visit, dq.dtype, last, ctx.busy)
         dk = mine.put(grad[0].to(k.dtype), k) if mine.size else torch.zeros_like(k)
         dv = mine.put(grad[1].to(v.dtype), v) if mine.size else torch.zeros_like(v)
         return dq.to(q.dtype), dk, dv, None
