@@ -2,7 +2,8 @@
 
 Every package under ``packages/`` is found automatically; ``package`` is
 parametrized over them and installs one package with mosaic-core alone, so
-each team can depend on just what it uses.
+each team can depend on just what it uses; ``root`` installs the repository
+root with every extra, as the README's install section does.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def tests(session: nox.Session) -> None:
     # emulated flash kernel (flash-attn itself needs CUDA).
     session.install("pytest")
     session.install("--no-deps", "ring-flash-attn==0.1.8")
+    # The top-level tests run the example's train.py (tqdm, matplotlib, scikit-learn), and checkpoints of
+    # several processes need numpy: the example's requirements name all of them.
+    session.install("-r", "examples/nanotabpfn/requirements.txt")
     paths = [str(p.tests) for p in PACKAGES if p.tests.exists()] + ["tests"]
     session.run("pytest", *paths, *session.posargs)
 
@@ -97,6 +101,21 @@ def package(session: nox.Session, package: str) -> None:
     session.run("python", "-c", f"import {module}, mosaic; print(mosaic.available_backends())")
     if pkg.tests.exists():
         session.run("pytest", str(pkg.tests), *session.posargs)
+
+
+def _entry_points(pkg: Package) -> list[str]:
+    project = tomllib.loads((pkg.path / "pyproject.toml").read_text())["project"]
+    return list(project.get("entry-points", {}).get("mosaic.backends", {}))
+
+
+@nox.session
+def root(session: nox.Session) -> None:
+    """``pip install -e ".[all]"`` at the repository root: every package's backends are found."""
+    session.install(TORCH)
+    session.install("-e", ".[all]")
+    want = sorted({name for p in PACKAGES for name in _entry_points(p)})
+    check = f"import mosaic; got = sorted(set(mosaic.available_backends())); assert got == {want!r}, got; print(got)"
+    session.run("python", "-c", check)
 
 
 def _gpu_count() -> int:
@@ -136,7 +155,4 @@ def demo(session: nox.Session) -> None:
     """The main job: nanoTabPFN trained with its rows sharded over 4 CPU processes (gloo)."""
     _install(session, *PACKAGES)
     session.install("-r", "examples/nanotabpfn/requirements.txt")
-    args = session.posargs or []
-    # torch warns at import that numpy is absent; the example does not use numpy.
-    quiet = {"PYTHONWARNINGS": "ignore:Failed to initialize NumPy:UserWarning"}
-    session.run("torchrun", "--nproc_per_node=4", "examples/nanotabpfn/train.py", *args, env=quiet)
+    session.run("torchrun", "--nproc_per_node=4", "examples/nanotabpfn/train.py", *session.posargs)

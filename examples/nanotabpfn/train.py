@@ -12,6 +12,7 @@ minutes on two cores. See README.md beside this file.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -23,13 +24,13 @@ from typing import Any
 import torch
 from nanotabpfn.bench import bench_steps
 from nanotabpfn.checkpoint import load_checkpoint, save_checkpoint
-from nanotabpfn.evaluate import iris_accuracy, synthetic_accuracy
+from nanotabpfn.evaluate import Accuracy, iris_accuracy, synthetic_accuracy
 from nanotabpfn.model import NanoTabPFN
 from nanotabpfn.objective import compute_gradients
-from nanotabpfn.plot import moving_average, write_loss_curve
+from nanotabpfn.plot import moving_average, write_accuracy_curve, write_loss_curve
 from nanotabpfn.prior import PriorConfig, StepSpec, draw_spec, mix, sample
-from nanotabpfn.progress import Progress
-from nanotabpfn.tables import RowShard
+from nanotabpfn.realdata import MISSING as IRIS_MISSING
+from tqdm import tqdm
 
 import mosaic
 
@@ -64,9 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 to disable")
     optim.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("output, checkpoints, evaluation")
-    run.add_argument("--out-dir", type=Path, default=Path("runs/nanotabpfn"), help="loss curve, metrics, checkpoint")
+    run.add_argument("--out-dir", type=Path, default=Path("runs/nanotabpfn"), help="plots, metrics, checkpoint")
     run.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
-    run.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
+    run.add_argument(
+        "--resume", type=Path, default=None, help="continue from this checkpoint directory (any --sp-size)"
+    )
     run.add_argument(
         "--stop-after",
         type=int,
@@ -75,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     run.add_argument("--eval-batches", type=int, default=4, help="batches of held-out synthetic tables")
     run.add_argument("--iris-repeats", type=int, default=10, help="random half/half splits of iris to score")
-    run.add_argument("--log-every", type=int, default=10, help="progress line every N steps when not on a terminal")
+    run.add_argument(
+        "--eval-every", type=int, default=None, help="evaluate every N steps (default: steps / 10; 0: at the end only)"
+    )
     bench = p.add_argument_group("benchmark")
     bench.add_argument("--bench-steps", type=int, default=0, help="time N steps on one batch instead of training")
     bench.add_argument("--bench-warmup", type=int, default=2, help="untimed steps before them")
@@ -106,6 +111,10 @@ def check_args(args: argparse.Namespace, world: int, launched: bool) -> str | No
         return f"--backend {args.backend!r} is not installed; available: {', '.join(mosaic.available_backends())}"
     if args.lr <= 0 or args.bench_steps < 0 or args.bench_warmup < 0 or args.save_every < 0:
         return "--lr must be positive; --bench-steps, --bench-warmup and --save-every must not be negative"
+    if args.eval_every is not None and args.eval_every < 0:
+        return f"--eval-every must not be negative, got {args.eval_every}"
+    if world > 1 and importlib.util.find_spec("numpy") is None:
+        return "checkpoints of several processes need numpy: pip install -r examples/nanotabpfn/requirements.txt"
     return None
 
 
@@ -128,22 +137,27 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def log(ctx: mosaic.Context, *text: Any) -> None:
+def log(ctx: mosaic.Context, text: str) -> None:
+    """A line from rank 0, above the progress bar."""
     if ctx.rank == 0:
-        print(*text, flush=True)
+        tqdm.write(text)
 
 
 def train(args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, optimizer: torch.optim.Optimizer) -> None:
     config = PriorConfig(args.rows, args.features, args.classes, args.batch_size)
-    rows = RowShard.of(ctx, args.rows)
-    checkpoint = args.out_dir / "checkpoint.pt"
-    start, losses = 0, []
+    rows = ctx.sharded_dim(args.rows, dim=1)
+    checkpoint = args.out_dir / "checkpoint"
+    eval_every = max(1, args.steps // 10) if args.eval_every is None else args.eval_every
+    start, losses, evaluations = 0, [], []
     if args.resume is not None:
-        start, losses = load_checkpoint(args.resume, model, optimizer, model_config(args), ctx.device)
+        start, losses, evaluations = load_checkpoint(args.resume, model, optimizer, model_config(args))
         log(ctx, f"resumed from {args.resume} at step {start}")
-    progress = Progress(args.steps, start, every=args.log_every) if ctx.rank == 0 else None
     began = time.perf_counter()
     stop = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    # Redrawn in place on a terminal; in a log (torchrun, nox, a batch job) every redraw is kept, so fewer.
+    redraw = 0.1 if sys.stderr.isatty() else 10.0
+    bar = tqdm(total=args.steps, initial=start, unit="step", mininterval=redraw, disable=ctx.rank != 0)
+    last: tuple[Accuracy, Accuracy | None] | None = None
     for step in range(start, stop):
         tick = time.perf_counter()
         # Replicas draw different tables; the ranks of one sp group draw their rows of the same ones.
@@ -157,44 +171,80 @@ def train(args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, opti
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         losses.append(loss)
-        if progress is not None:
-            rate = args.rows * args.batch_size * ctx.dp_size / (time.perf_counter() - tick)
-            progress.update(step + 1, loss, rate)
-        if ctx.rank == 0 and args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(checkpoint, model, optimizer, step + 1, losses, model_config(args))
-    if progress is not None:
-        progress.close()
+        rate = args.rows * args.batch_size * ctx.dp_size / (time.perf_counter() - tick)
+        bar.set_postfix(loss=f"{loss:.4f}", rows_per_s=f"{rate:,.0f}", refresh=False)
+        bar.update()
+        if eval_every and (step + 1) % eval_every == 0:
+            last = evaluate(args, ctx, model, config)
+            evaluations.append(evaluation(step + 1, *last))
+            log(ctx, describe(evaluations[-1]))
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(checkpoint, model, optimizer, losses, evaluations, model_config(args))
+    bar.close()
     seconds = time.perf_counter() - began
+    # The figures printed at the end are those of the last step, evaluated in the loop or now.
+    if last is None or evaluations[-1]["step"] != len(losses):
+        last = evaluate(args, ctx, model, config)
+        evaluations.append(evaluation(len(losses), *last))
+    synthetic, iris = last
+    save_checkpoint(checkpoint, model, optimizer, losses, evaluations, model_config(args))
     if ctx.rank == 0:
-        save_checkpoint(checkpoint, model, optimizer, len(losses), losses, model_config(args))
-    report(args, ctx, model, config, losses, seconds, stop - start)
+        report(args, ctx, losses, evaluations, synthetic, iris, seconds, stop - start)
+
+
+def evaluate(
+    args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, config: PriorConfig
+) -> tuple[Accuracy, Accuracy | None]:
+    """Held-out synthetic accuracy, and iris's (``None`` when it cannot run); every rank."""
+    synthetic = synthetic_accuracy(model, config, ctx, seed=args.seed, batches=args.eval_batches, bf16=args.bf16)
+    iris = None
+    if args.classes >= IRIS_CLASSES:
+        iris = iris_accuracy(model, ctx, seed=args.seed, repeats=args.iris_repeats, bf16=args.bf16)
+    return synthetic, iris
+
+
+def evaluation(step: int, synthetic: Accuracy, iris: Accuracy | None) -> dict[str, Any]:
+    """One point of the accuracy curve: ``[accuracy, majority-class baseline]`` of each set."""
+    return {
+        "step": step,
+        "synthetic": [synthetic.accuracy, synthetic.baseline],
+        "iris": None if iris is None else [iris.accuracy, iris.baseline],
+    }
+
+
+def describe(point: dict[str, Any]) -> str:
+    iris = "" if point["iris"] is None else f", iris {point['iris'][0]:.3f}"
+    return f"step {point['step']}: held-out synthetic accuracy {point['synthetic'][0]:.3f}{iris}"
 
 
 def report(
     args: argparse.Namespace,
     ctx: mosaic.Context,
-    model: NanoTabPFN,
-    config: PriorConfig,
     losses: list[float],
+    evaluations: list[dict[str, Any]],
+    synthetic: Accuracy,
+    iris: Accuracy | None,
     seconds: float,
     steps_run: int,
 ) -> None:
-    """Evaluate, print the figures and write the loss curve and metrics (rank 0)."""
-    synthetic = synthetic_accuracy(model, config, ctx, seed=args.seed, batches=args.eval_batches, bf16=args.bf16)
-    iris = None
-    if args.classes >= IRIS_CLASSES:
-        iris = iris_accuracy(model, ctx, seed=args.seed, repeats=args.iris_repeats, bf16=args.bf16)
-    if ctx.rank != 0:
-        return
+    """Print the figures and write the plots and metrics (rank 0)."""
     window = max(1, min(20, len(losses) // 5))
     final = moving_average(losses, window)[-1] if losses else float("nan")
     print(f"final loss {final:.4f} (mean of the last {window} steps; first step {losses[0]:.4f})")
     print(f"held-out synthetic accuracy {synthetic}")
-    print(f"iris accuracy {iris}" if iris else f"iris skipped: it has 3 classes, --classes is {args.classes}")
-    print(f"training took {seconds:.1f} s for {steps_run} steps in this run ({len(losses)} in all)")
-    curve = args.out_dir / "loss.svg"
+    if iris is not None:
+        print(f"iris accuracy {iris}")
+    elif args.classes < IRIS_CLASSES:
+        print(f"iris skipped: it has 3 classes, --classes is {args.classes}")
+    else:
+        print(f"iris skipped: {IRIS_MISSING}")
+    print(
+        f"training took {seconds:.1f} s for {steps_run} steps in this run ({len(losses)} in all), evaluations included"
+    )
     title = f"nanoTabPFN, {args.rows} rows over sp={ctx.sp_size} ({args.backend}), dp={ctx.dp_size}"
-    write_loss_curve(curve, losses, title)
+    loss_png, accuracy_png = args.out_dir / "loss.png", args.out_dir / "accuracy.png"
+    write_loss_curve(loss_png, losses, title)
+    write_accuracy_curve(accuracy_png, evaluations, title)
     metrics = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "world_size": ctx.world_size,
@@ -202,6 +252,7 @@ def report(
         "dp_size": ctx.dp_size,
         "final_loss": final,
         "losses": losses,
+        "evaluations": evaluations,
         "synthetic_accuracy": synthetic.accuracy,
         "synthetic_baseline": synthetic.baseline,
         "iris_accuracy": None if iris is None else iris.accuracy,
@@ -209,14 +260,14 @@ def report(
         "train_seconds": seconds,
     }
     (args.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    print(f"wrote {curve}, {args.out_dir / 'metrics.json'} and {args.out_dir / 'checkpoint.pt'}")
+    print(f"wrote {loss_png}, {accuracy_png}, {args.out_dir / 'metrics.json'} and {args.out_dir / 'checkpoint'}/")
 
 
 def bench(args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, optimizer: torch.optim.Optimizer) -> None:
     config = PriorConfig(args.rows, args.features, args.classes, args.batch_size)
     # Half the rows are training rows (the key prefix of row attention), every feature present.
     spec = StepSpec(seed=mix("bench", args.seed), features=args.features, train_size=max(2, args.rows // 2))
-    tables = sample(config, spec, RowShard.of(ctx, args.rows), ctx.device)
+    tables = sample(config, spec, ctx.sharded_dim(args.rows, dim=1), ctx.device)
     result = bench_steps(
         model, optimizer, tables, ctx, steps=args.bench_steps, warmup=args.bench_warmup, bf16=args.bf16
     )

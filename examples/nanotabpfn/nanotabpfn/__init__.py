@@ -5,12 +5,11 @@ from __future__ import annotations
 from .model import NanoTabPFN
 from .objective import compute_gradients, count_correct, local_loss
 from .prior import PriorConfig, draw_spec, sample
-from .tables import RowShard, Tables
+from .tables import Tables
 
 __all__ = [
     "NanoTabPFN",
     "PriorConfig",
-    "RowShard",
     "Tables",
     "compute_gradients",
     "count_correct",

@@ -1,12 +1,21 @@
-"""Save and resume training: weights, optimizer state, step and loss history."""
+"""Save and resume training through ``torch.distributed.checkpoint`` (``mosaic.training``).
+
+A checkpoint is a directory: the weights and AdamW state (each tensor
+written once, since every rank holds the same copy), the steps' losses, the
+evaluations so far and the model's configuration. Every rank calls both
+functions. It loads at any ``--sp-size`` and world size, one process included.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mosaic.training import checkpoint_extra
+from mosaic.training import load_checkpoint as load_state
+from mosaic.training import save_checkpoint as save_state
 
 from .model import NanoTabPFN
 
@@ -15,40 +24,23 @@ def save_checkpoint(
     path: Path,
     model: NanoTabPFN,
     optimizer: torch.optim.Optimizer,
-    step: int,
     losses: list[float],
+    evaluations: list[dict[str, Any]],
     model_config: dict[str, Any],
 ) -> None:
-    """Write atomically (a temporary file renamed), so an interrupted save leaves the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "losses": losses,
-        "model_config": model_config,
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write ``path`` (replacing it only once the new one is complete); the step is ``len(losses)``."""
+    extra = {"step": len(losses), "losses": losses, "evaluations": evaluations, "model_config": model_config}
+    save_state(path, model, optimizer, extra=extra)
 
 
 def load_checkpoint(
-    path: Path,
-    model: NanoTabPFN,
-    optimizer: torch.optim.Optimizer,
-    model_config: dict[str, Any],
-    device: torch.device,
-) -> tuple[int, list[float]]:
-    """Restore ``model`` and ``optimizer``; returns the steps done and their losses."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=device, weights_only=True)
-    saved = state["model_config"]
+    path: Path, model: NanoTabPFN, optimizer: torch.optim.Optimizer, model_config: dict[str, Any]
+) -> tuple[int, list[float], list[dict[str, Any]]]:
+    """Restore ``model`` and ``optimizer``; returns the steps done, their losses and the evaluations."""
+    saved = checkpoint_extra(path)["model_config"]
     if saved != model_config:
         diff = {k: (saved.get(k), model_config.get(k)) for k in saved.keys() | model_config.keys()}
         diff = {k: v for k, v in diff.items() if v[0] != v[1]}
         raise ValueError(f"checkpoint {path} is of another model (saved, requested): {diff}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), list(state["losses"])
+    extra = load_state(path, model, optimizer)
+    return int(extra["step"]), list(extra["losses"]), list(extra["evaluations"])

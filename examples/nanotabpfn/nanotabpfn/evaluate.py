@@ -10,7 +10,7 @@ from .model import NanoTabPFN
 from .objective import count_correct
 from .prior import PriorConfig, draw_spec, sample
 from .realdata import iris_tables
-from .tables import RowShard, Tables
+from .tables import Tables
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,14 @@ def synthetic_accuracy(
     model: NanoTabPFN, config: PriorConfig, ctx: mosaic.Context, *, seed: int, batches: int, bf16: bool = False
 ) -> Accuracy:
     """Accuracy on ``batches`` batches of tables from the prior's held-out stream (never trained on)."""
-    rows = RowShard.of(ctx, config.rows)
+    rows = ctx.sharded_dim(config.rows, dim=1)
     tables = [sample(config, draw_spec(config, "eval", seed, i), rows, ctx.device) for i in range(batches)]
     return _accuracy(model, tables, ctx, bf16)
 
 
 def iris_accuracy(
     model: NanoTabPFN, ctx: mosaic.Context, *, seed: int, repeats: int = 10, bf16: bool = False
-) -> Accuracy:
-    """Accuracy on ``repeats`` random half/half splits of iris."""
-    return _accuracy(model, [iris_tables(ctx, repeats, seed)], ctx, bf16)
+) -> Accuracy | None:
+    """Accuracy on ``repeats`` random half/half splits of iris; ``None`` without scikit-learn."""
+    tables = iris_tables(ctx, repeats, seed)
+    return None if tables is None else _accuracy(model, [tables], ctx, bf16)

@@ -5,8 +5,9 @@ The structure and parameter names are those of the public nanoTabPFN
 each block's attentions are ``nn.MultiheadAttention``-compatible), so its
 checkpoints load. The differences are what sharding the rows needs:
 
-- the train-row statistics (feature mean/std, target mean) are sums over all
-  ranks, taken with ``mosaic.comm.all_reduce_sum`` so they stay differentiable;
+- the train-row statistics (feature mean/std, target mean) are taken over the
+  rows of every rank with ``mosaic.sharded`` (torch's ``mean``/``std`` on the
+  unsharded rows, differentiable), so the model runs no collective of its own;
 - row attention is ``mosaic.MultiAxisAttention`` over dim 1 with
   ``kv_len = train_size``: every row attends to the training rows only, which
   is the original's two calls (train to train, test to train) in one;
@@ -22,9 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import mosaic
-from mosaic.comm import all_reduce_sum
-
-from .tables import RowShard
+from mosaic import ShardedDim
 
 # nanoTabPFN's bounds: std gets 1e-20 so constant features do not divide by zero,
 # normalised values are clipped so outliers stay in the encoder's range.
@@ -39,14 +38,11 @@ class FeatureEncoder(nn.Module):
         super().__init__()
         self.linear_layer = nn.Linear(1, embedding_size)
 
-    def forward(self, x: torch.Tensor, is_train: torch.Tensor, train_size: int, rows: RowShard) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_train: torch.Tensor, rows: ShardedDim) -> torch.Tensor:
         """``(B, R, F)`` features to ``(B, R, F, E)``; statistics over the global training rows."""
         train = is_train.view(1, -1, 1)
-        mean = all_reduce_sum(torch.where(train, x, 0.0).sum(1, keepdim=True), rows.group) / train_size
-        # Two passes (mean, then squared deviations) as torch.std does: one pass of
-        # sum and sum of squares loses digits when the mean is large against the spread.
-        deviations = torch.where(train, x - mean, 0.0).square()
-        std = (all_reduce_sum(deviations.sum(1, keepdim=True), rows.group) / (train_size - 1)).sqrt() + STD_EPS
+        mean = mosaic.sharded.mean(x, 1, mask=train, keepdim=True, over=rows)
+        std = mosaic.sharded.std(x, 1, mask=train, keepdim=True, over=rows) + STD_EPS
         x = ((x - mean) / std).clip(-CLIP, CLIP)
         return self.linear_layer(x.unsqueeze(-1))
 
@@ -58,10 +54,10 @@ class TargetEncoder(nn.Module):
         super().__init__()
         self.linear_layer = nn.Linear(1, embedding_size)
 
-    def forward(self, y: torch.Tensor, is_train: torch.Tensor, train_size: int, rows: RowShard) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, is_train: torch.Tensor, rows: ShardedDim) -> torch.Tensor:
         """``(B, R)`` labels to ``(B, R, 1, E)``; test rows' labels are never read."""
         y = y.to(torch.float32)
-        mean = all_reduce_sum(torch.where(is_train, y, 0.0).sum(1, keepdim=True), rows.group) / train_size
+        mean = mosaic.sharded.mean(y, 1, mask=is_train.view(1, -1), keepdim=True, over=rows)
         y = torch.where(is_train, y, mean)
         return self.linear_layer(y.view(*y.shape, 1, 1))
 
@@ -143,33 +139,29 @@ class NanoTabPFN(nn.Module):
         for block in self.transformer_blocks:
             block.self_attention_between_datapoints.set_backend(name)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, train_size: int, rows: RowShard | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, train_size: int, rows: ShardedDim | None = None
+    ) -> torch.Tensor:
         """Class logits for every local row.
 
         Args:
             x: ``(B, R, F)`` features of this rank's rows.
             y: ``(B, R)`` class labels of the same rows; only training rows' labels are read.
             train_size: global rows ``[0, train_size)`` are training rows, the rest test rows.
-            rows: where the local rows sit (default: all rows are local).
+            rows: where the local rows sit (``ctx.sharded_dim(total, dim=1)``; default: all rows are local).
 
         Returns:
             ``(B, R, num_outputs)``; the test rows' logits are the predictions.
         """
         if x.dim() != 3 or y.shape != x.shape[:2]:
             raise ValueError(f"x must be (B, R, F) and y (B, R); got {tuple(x.shape)} and {tuple(y.shape)}")
-        rows = rows or RowShard.whole(x.shape[1])
+        rows = rows or ShardedDim.whole(x.shape[1])
         if x.shape[1] != rows.length:
             raise ValueError(f"x holds {x.shape[1]} rows but this rank's shard has {rows.length}")
         if not 2 <= train_size < rows.total:
             raise ValueError(f"train_size {train_size} must be in [2, {rows.total}) for {rows.total} rows")
-        is_train = rows.train_mask(train_size, x.device)
-        src = torch.cat(
-            [
-                self.feature_encoder(x, is_train, train_size, rows),
-                self.target_encoder(y, is_train, train_size, rows),
-            ],
-            dim=2,
-        )
+        is_train = rows.prefix_mask(train_size, x.device)
+        src = torch.cat([self.feature_encoder(x, is_train, rows), self.target_encoder(y, is_train, rows)], dim=2)
         for block in self.transformer_blocks:
             if self.checkpoint_layers and torch.is_grad_enabled():
                 src = checkpoint(block, src, train_size, use_reentrant=False)

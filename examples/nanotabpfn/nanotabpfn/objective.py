@@ -73,10 +73,9 @@ def count_correct(
     test = tables.test_mask()
     labels = F.one_hot(tables.y, model.num_outputs).to(torch.float64)
     hits = (logits.argmax(-1) == tables.y).to(torch.float64)
-    # One collective for all counts: per table, train and test rows of each class, then hits.
-    counts = torch.cat([labels[:, ~test].sum(1), labels[:, test].sum(1), hits[:, test].sum(1, keepdim=True)], 1)
-    if tables.rows.group is not None:
-        dist.all_reduce(counts, group=tables.rows.group)
+    # One reduction for all counts: per table, train and test rows of each class, then hits.
+    per_row = torch.cat([labels * ~test.view(1, -1, 1), labels * test.view(1, -1, 1), (hits * test).unsqueeze(-1)], -1)
+    counts = mosaic.sharded.sum(per_row, 1, over=tables.rows)
     train_counts, test_counts, correct = counts.split([model.num_outputs, model.num_outputs, 1], 1)
     majority = test_counts.gather(1, train_counts.argmax(1, keepdim=True))
     return correct.sum().item(), majority.sum().item(), float(tables.batch_size * tables.test_rows)

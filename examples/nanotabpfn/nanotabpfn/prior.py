@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .tables import RowShard, Tables
+from mosaic import ShardedDim
+
+from .tables import Tables
 
 _ACTIVATIONS = (torch.tanh, torch.relu, torch.sin, torch.abs)
 
@@ -164,9 +166,10 @@ def draw_rows(config: PriorConfig, spec: StepSpec, start: int, stop: int) -> tup
     return torch.stack(xs), torch.stack(ys)
 
 
-def sample(config: PriorConfig, spec: StepSpec, rows: RowShard, device: torch.device) -> Tables:
+def sample(config: PriorConfig, spec: StepSpec, rows: ShardedDim, device: torch.device) -> Tables:
     """This rank's rows of the batch ``spec`` describes, on ``device``."""
     if rows.total != config.rows:
         raise ValueError(f"the shard covers {rows.total} rows but the prior draws tables of {config.rows}")
-    x, y = draw_rows(config, spec, rows.offset, rows.stop)
+    parts = [draw_rows(config, spec, a, b) for a, b in rows.spans]
+    x, y = (torch.cat(t, 1) for t in zip(*parts, strict=True))
     return Tables(x.to(device), y.to(device), spec.train_size, rows)

@@ -86,22 +86,37 @@ def test_matches_local_on_8() -> None:
 
 
 def _problem(heads: int, kv_heads: int, size: int, mesh_shape: Any, **options: Any) -> AttentionProblem:
-    return make_problem(size=size, heads=heads, kv_heads=kv_heads, mesh_shape=mesh_shape, options=options)
+    options = {"mesh_shape": mesh_shape, **options}
+    return make_problem(size=size, heads=heads, kv_heads=kv_heads, backend="composed", options=options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "backend 'composed' needs option.s. mesh_shape"),
+        ({"mesh_shape": (2, 2, 1)}, r"mesh_shape must be 2 positive ints, got \(2, 2, 1\)"),
+        ({"mesh_shape": (2, 2), "seq_parallel": "nope"}, "seq_parallel='nope': unknown backend 'nope'"),
+        ({"mesh_shape": (2, 2), "seq_parallel": "composed"}, "would nest the composition in itself"),
+        ({"mesh_shape": (2, 2), "head_parallel": "yes"}, "head_parallel must be a bool, got 'yes'"),
+        (
+            {"mesh_shape": (2, 2), "seq_parallel": "allgather", "seq_options": {"chunk": 2}},
+            r"backend 'allgather' has no option 'chunk'",
+        ),
+    ],
+)
+def test_bad_options_fail_when_the_module_is_built(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        mosaic.MultiAxisAttention(16, 4, 1, backend="composed", backend_options=options)
 
 
 @pytest.mark.parametrize(
     ("problem", "message"),
     [
-        (_problem(4, 4, 4, None), "needs mesh_shape"),
-        (_problem(4, 4, 4, (2, 2, 1)), "mesh_shape must be (h, s), two positive ints, got (2, 2, 1)"),
         (_problem(4, 4, 4, (2, 4)), "mesh_shape (2, 4) has 8 ranks but the sp group has 4"),
         (_problem(6, 6, 4, (4, 1)), "heads 6 and kv heads 6 not divisible by the 4 ranks of the head axis (h = 4"),
         (_problem(6, 6, 4, (4, 1)), "choose an h that divides both head counts, or head_parallel=False"),
         (_problem(4, 1, 4, (2, 2)), "kv heads 1 not divisible by the 2 ranks of the head axis"),
         (_problem(4, 4, 4, (2, 2), seq_parallel="local"), "seq_parallel='local' attends within one rank"),
-        (_problem(4, 4, 4, (2, 2), seq_parallel="nope"), "seq_parallel='nope': unknown backend 'nope'"),
-        (_problem(4, 4, 4, (2, 2), seq_parallel="composed"), "would nest the composition in itself"),
-        (_problem(4, 4, 4, (2, 2), head_parallel="yes"), "head_parallel must be a bool, got 'yes'"),
     ],
 )
 def test_reasons(problem: AttentionProblem, message: str) -> None:
@@ -119,9 +134,9 @@ def test_valid_problems_have_no_reasons() -> None:
 
 @pytest.mark.skipif("mesh2d" not in mosaic.available_backends(), reason="mosaic-mesh2d is not installed")
 def test_mesh2d_inner_needs_its_mesh_shape() -> None:
+    with pytest.raises(ValueError, match=r"backend 'mesh2d' needs option\(s\) mesh_shape"):
+        _problem(4, 4, 8, (2, 4), seq_parallel="mesh2d")
     backend = ComposedBackend()
-    (reason,) = backend.not_supported_reasons(_problem(4, 4, 8, (2, 4), seq_parallel="mesh2d"))
-    assert "needs backend option seq_mesh_shape" in reason
     (reason,) = backend.not_supported_reasons(_problem(4, 4, 8, (2, 4), seq_parallel="mesh2d", seq_mesh_shape=(2, 1)))
     assert reason.startswith("seq_parallel='mesh2d': mesh_shape (2, 1) has 2 ranks")
     assert backend.not_supported_reasons(_problem(4, 4, 8, (2, 4), seq_parallel="mesh2d", seq_mesh_shape=(2, 2))) == []
@@ -132,20 +147,23 @@ def test_composed_attention_is_a_configured_multi_axis_attention() -> None:
     assert mosaic.ComposedAttention is ComposedAttention
     assert isinstance(attn, mosaic.MultiAxisAttention)
     assert attn.backend_name == "composed" and attn.mesh_shape == (2, 4)
-    assert attn.backend_options == {"head_parallel": True, "seq_parallel": "allgather"}
+    assert attn.backend_options == {
+        "mesh_shape": (2, 4), "head_parallel": True, "seq_parallel": "allgather", "seq_mesh_shape": None,
+        "seq_options": (),
+    }  # fmt: skip
     mha = nn.MultiheadAttention(16, 4, batch_first=True)
     attn.load_state_dict(mha.state_dict())
-    with pytest.raises(ValueError, match=r"mesh_shape must be \(h, s\), got \(8,\)"):
+    with pytest.raises(ValueError, match=r"mesh_shape must be 2 positive ints, got \(8,\)"):
         ComposedAttention((8,), embed_dim=16, num_heads=4, attention_axis=1)
 
 
 @pytest.mark.parametrize(("total", "exact"), [(16, True), (13, False)])
 def test_zigzag_head_groups_hold_the_zigzag_layout_of_the_seq_axis(total: int, exact: bool) -> None:
-    from mosaic_compose.composed import _inner_problem, _settings
+    from mosaic_compose.composed import _inner_problem
 
     outer = SeqLayout.even(total, 4, "zigzag")
     p = dataclasses.replace(_problem(4, 4, 4, (2, 2)), q_layout=outer, kv_layout=outer)
-    inner = _inner_problem(p, _settings(p)[0])
+    inner = _inner_problem(p, p.options)
     zigzag = SeqLayout.even(total, 2, "zigzag")
     assert inner.q_layout.kind == "zigzag" and inner.size == 2 and inner.heads == 2
     got = [inner.q_layout.spans(c) for c in range(2)]

@@ -52,18 +52,18 @@ def test_plan_computes_each_visible_pair_exactly_once(seed):
         k_spans = tuple(rng.sample(k_spans, len(k_spans)))
     causal = rng.random() < 0.6
     kv_len = rng.choice([None, rng.randint(1, total)])
-    pieces = blockwise.plan(q_spans, k_spans, causal=causal, kv_len=kv_len)
+    pieces = blockwise.blocks(q_spans, k_spans, causal=causal, kv_len=kv_len)
     want = _visible(q_spans, k_spans, causal, kv_len).long()
     assert torch.equal(_covered(pieces, want.shape[0], want.shape[1]), want)
 
 
 def test_same_positions_give_one_causal_block():
     spans = ((0, 4), (12, 16))
-    assert blockwise.plan(spans, spans, causal=True) == [blockwise.Piece(slice(0, 8), slice(0, 8), causal=True)]
+    assert blockwise.blocks(spans, spans, causal=True) == [blockwise.Piece(slice(0, 8), slice(0, 8), causal=True)]
 
 
 def test_full_blocks_are_coalesced():
-    pieces = blockwise.plan(((8, 12),), ((0, 3), (3, 6)), causal=True)
+    pieces = blockwise.blocks(((8, 12),), ((0, 3), (3, 6)), causal=True)
     assert pieces == [blockwise.Piece(slice(0, 4), slice(0, 6))]
 
 

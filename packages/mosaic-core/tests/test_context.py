@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import mosaic
+from mosaic.local import span_plan
 from mosaic.testing import run_distributed
 
 
@@ -19,8 +20,8 @@ class _EchoBackend(mosaic.Backend):
     name = "echo"
     capabilities = mosaic.Capabilities()
 
-    def attention(self, q, k, v, problem):
-        return mosaic.get_backend("local").attention(q, k, v, problem)
+    def plan(self, problem):
+        return span_plan(problem)
 
 
 @pytest.fixture
@@ -112,7 +113,7 @@ def test_accepts_an_existing_mesh_or_group(kind):
 
 def _disagreeing_shapes() -> str:
     mosaic.register_backend("echo", _EchoBackend, override=True)
-    mosaic.init(sp_size=2)
+    mosaic.init(sp_size=2).declare_sharded(1)
     module = mosaic.MultiAxisAttention(16, 4, 1, backend="echo")
     batch = 2 if dist.get_rank() == 0 else 3
     try:
@@ -130,7 +131,7 @@ def test_shapes_that_disagree_across_ranks_fail_on_every_rank():
 
 
 def _lost_peer_times_out() -> str:
-    ctx = mosaic.init(sp_size=2, timeout=timedelta(seconds=2))
+    ctx = mosaic.init(sp_size=2, collective_timeout=timedelta(seconds=2))
     if ctx.sp_rank == 1:
         return "absent"
     try:

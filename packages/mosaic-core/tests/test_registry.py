@@ -68,8 +68,8 @@ def test_register_backend_and_reasons():
         name = "half_only"
         capabilities = mosaic.Capabilities(distributed=False, dtypes=frozenset({torch.float16}), causal=False)
 
-        def attention(self, q, k, v, problem):
-            return mosaic.get_backend("local").attention(q, k, v, problem)
+        def plan(self, problem):
+            return mosaic.get_backend("local").plan(problem)
 
     mosaic.register_backend("half_only", HalfOnly)
     try:

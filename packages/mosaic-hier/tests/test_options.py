@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
 import pytest
 import torch
 import torch.nn as nn
@@ -17,8 +15,8 @@ from mosaic_hier.options import local_world_mismatch, option_reasons, warn_local
 
 def _problem(size: int, options: dict, heads: int = 4) -> AttentionProblem:
     return make_problem(
-        size=size, heads=heads, length=3 * size, head_dim=4, scale=0.5, options=MappingProxyType(options), context=None
-    )
+        size=size, heads=heads, length=3 * size, head_dim=4, scale=0.5, options=HierOptions(**options), context=None,
+    )  # fmt: skip
 
 
 def test_option_reasons_name_the_values() -> None:
@@ -53,6 +51,10 @@ def test_module_rejects_bad_settings() -> None:
         HierarchicalAttention(2, "mesh2d", embed_dim=16, num_heads=4, attention_axis=1)
     with pytest.raises(ValueError, match="intra_node_size must be a positive int, got -1"):
         HierarchicalAttention(-1, embed_dim=16, num_heads=4, attention_axis=1)
+    with pytest.raises(ValueError, match=r"backend 'hierarchical' needs option\(s\) intra_node_size"):
+        mosaic.MultiAxisAttention(16, 4, 1, backend="hierarchical")
+    with pytest.raises(ValueError, match=r"has no option 'nodes' \(its options: intra_node_size, inter_node_strategy"):
+        mosaic.MultiAxisAttention(16, 4, 1, backend="hierarchical", backend_options={"intra_node_size": 2, "nodes": 2})
 
 
 def test_intra_node_size_must_divide_the_sp_group() -> None:
@@ -91,8 +93,5 @@ def test_one_process_world_matches_local() -> None:
         x = torch.randn(2, 7, 3, 16)
         want = reference_attention(module, x, kv_len=5, causal=True)
         torch.testing.assert_close(module(x, kv_len=5, causal=True), want, atol=1e-6, rtol=1e-6)
-        unset = mosaic.MultiAxisAttention(16, 4, 1, backend="hierarchical")
-        with pytest.raises(mosaic.BackendNotSupported, match="intra_node_size"):
-            unset(x)
     finally:
         mosaic.shutdown()

@@ -47,7 +47,7 @@ def compare_2d(
     ctx = mosaic.get_context()
     torch.manual_seed(seed)
     module = MultiAxisAttention2D(shape[-1], 4, *axes, mesh, num_kv_heads=num_kv_heads)
-    reference = mosaic.MultiAxisAttention(shape[-1], 4, -2, num_kv_heads=num_kv_heads)
+    reference = mosaic.MultiAxisAttention(shape[-1], 4, -2, num_kv_heads=num_kv_heads, sharded=False)
     reference.load_state_dict(module.state_dict())
     x_full, grad_full = torch.randn(shape), torch.randn(shape)
     kv_full = None if kv_shape is None else torch.randn(kv_shape)

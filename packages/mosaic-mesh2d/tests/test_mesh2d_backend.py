@@ -8,8 +8,7 @@ import torch
 import mosaic
 from mosaic.backend import BackendNotSupported
 from mosaic.comm import count_traffic
-from mosaic.problem import build_problem
-from mosaic.testing import compare_with_local, run_distributed
+from mosaic.testing import compare_with_local, make_problem, run_distributed
 from mosaic_mesh2d import GridLayout, Mesh2DBackend, comm_bytes, shard_grid
 
 TOL = 1e-5
@@ -77,27 +76,31 @@ def test_low_precision_error_is_that_of_one_device() -> None:
 
 
 def _problem(mesh_shape, causal: bool = False):
-    q = torch.zeros(1, 2, 6, 4)
-    return build_problem(
-        q, q, context=None, layout="contiguous", kv_len=None, causal=causal, scale=0.5, mesh_shape=mesh_shape
-    )
+    return make_problem(heads=2, length=6, head_dim=4, backend="mesh2d", options={"mesh_shape": mesh_shape},
+                        causal=causal)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("mesh_shape", "expected"),
-    [
-        (None, "needs mesh_shape"),
-        ((2, 2), "mesh_shape (2, 2) has 4 ranks but the sp group has 1"),
-        ((4,), "mesh_shape must be two positive ints"),
-        ((1, 0), "mesh_shape must be two positive ints"),
-    ],
-)
-def test_mesh_shape_reasons(mesh_shape, expected: str) -> None:
+def test_mesh_shape_reasons() -> None:
     backend = Mesh2DBackend()
-    problem = _problem(mesh_shape)
+    problem = _problem((2, 2))
+    expected = "mesh_shape (2, 2) has 4 ranks but the sp group has 1"
     assert any(expected in r for r in backend.not_supported_reasons(problem)), backend.not_supported_reasons(problem)
     with pytest.raises(BackendNotSupported, match="mesh2d"):
         backend.check(problem)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, "backend 'mesh2d' needs option.s. mesh_shape"),
+        ({"mesh_shape": (4,)}, "mesh_shape must be 2 positive ints"),
+        ({"mesh_shape": (1, 0)}, "mesh_shape must be 2 positive ints"),
+        ({"mesh_shape": (2, 2), "rows": 2}, r"has no option 'rows' \(its options: mesh_shape\)"),
+    ],
+)
+def test_bad_options_fail_when_the_module_is_built(options, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        mosaic.MultiAxisAttention(16, 4, 1, backend="mesh2d", backend_options=options)
 
 
 def test_no_reasons_for_a_valid_problem() -> None:
@@ -132,7 +135,8 @@ def _traffic(backends: list[str], mesh: tuple[int, int]) -> dict[str, tuple[int,
     out = {}
     for name in backends:
         torch.manual_seed(0)
-        module = mosaic.MultiAxisAttention(TRAFFIC_SHAPE[-1], HEADS, 1, backend=name, mesh_shape=mesh)
+        shape = mesh if name == "mesh2d" else None
+        module = mosaic.MultiAxisAttention(TRAFFIC_SHAPE[-1], HEADS, 1, backend=name, mesh_shape=shape)
         x = ctx.shard(torch.randn(TRAFFIC_SHAPE), 1).contiguous().requires_grad_()
         with count_traffic() as forward:
             y = module(x)

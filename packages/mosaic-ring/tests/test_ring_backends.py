@@ -58,15 +58,14 @@ def test_allgather_chunks_match_local(world: int, chunks: int) -> None:
             assert max(errors.values()) < TOL, f"allgather chunks={chunks} P={world} rank {rank} {name}: {errors}"
 
 
-def _bad_chunks() -> str:
-    mosaic.init(sp_size=2)
-    try:
-        compare_with_local("allgather", (1, 4, 2, 16), 1, backend_options={"chunks": 0})
-    except mosaic.BackendNotSupported as exc:
-        return str(exc)
-    return "no error"
-
-
-def test_allgather_rejects_bad_chunks() -> None:
-    for message in run_distributed(_bad_chunks, 2):
-        assert "chunks=0 must be a positive int" in message
+def test_options_are_checked_when_the_module_is_built() -> None:
+    """No process group needed: typed options fail at construction, naming the value or the valid fields."""
+    with pytest.raises(ValueError, match="backend 'allgather': option chunks must be a positive int, got 0"):
+        mosaic.MultiAxisAttention(16, 4, 1, backend="allgather", backend_options={"chunks": 0})
+    with pytest.raises(ValueError, match=r"backend 'allgather' has no option 'chunk' \(its options: chunks\)"):
+        mosaic.MultiAxisAttention(16, 4, 1, backend="allgather", backend_options={"chunk": 2})
+    with pytest.raises(ValueError, match=r"backend 'ring' has no option 'mesh_shape' \(its options: none\)"):
+        mosaic.MultiAxisAttention(16, 4, 1, backend="ring", mesh_shape=(2, 2))
+    module = mosaic.MultiAxisAttention(16, 4, 1)
+    module.set_backend("allgather", chunks=3)
+    assert module.backend_name == "allgather" and module.backend_options == {"chunks": 3}

@@ -151,7 +151,7 @@ def test_probing_imports_neither_package(tmp_path: Path) -> None:
 
 
 def _forward_error() -> tuple[str, list[str]]:
-    mosaic.init(sp_size=2)
+    mosaic.init(sp_size=2).declare_sharded(1)
     attn = mosaic.MultiAxisAttention(16, 2, attention_axis=1, backend="ring_flash_attn")
     try:
         attn(torch.randn(2, 4, 3, 16))

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from .composed import ComposedAttention, ComposedBackend
+from .composed import ComposedAttention, ComposedBackend, ComposedOptions
 from .exchange import HeadExchange
+from .switch import SwitchBackend, SwitchOptions
 from .ulysses import UlyssesBackend
 
-__all__ = ["ComposedAttention", "ComposedBackend", "HeadExchange", "UlyssesBackend"]
+__all__ = [
+    "ComposedAttention",
+    "ComposedBackend",
+    "ComposedOptions",
+    "HeadExchange",
+    "SwitchBackend",
+    "SwitchOptions",
+    "UlyssesBackend",
+]

@@ -24,87 +24,76 @@ forward and as much in the backward; the sequence strategy then moves
 ``H / h`` heads of ``h * n`` rows over ``s`` ranks (a ring: ``(s-1)/s * N' *
 2 * Hkv / h * d`` in the forward).
 
-Backend options (``MultiAxisAttention(backend_options=...)``, set by
-:class:`ComposedAttention`): ``head_parallel`` (bool, default ``True``;
-``False`` runs the sequence strategy on the whole sp group),
-``seq_parallel`` (a backend name, default ``"ring"``), ``seq_mesh_shape``
-(the inner strategy's ``mesh_shape``, e.g. ``(R, C)`` for ``mesh2d``). Other
-keys are handed on to the sequence strategy.
+Options (:class:`ComposedOptions`, checked when the module is built):
+``mesh_shape`` ``(h, s)``, ``head_parallel`` (default ``True``; ``False``
+runs the sequence strategy on the whole sp group), ``seq_parallel`` (a
+backend name, default ``"ring"``), ``seq_mesh_shape`` (the inner strategy's
+``mesh_shape``, e.g. ``(R, C)`` for ``mesh2d``) and ``seq_options`` (the
+inner strategy's other options). The plan composes the inner strategy's
+plan, made once per problem and cached with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mosaic.attention import MultiAxisAttention
-from mosaic.backend import Backend, Capabilities
+from mosaic.backend import Backend, Capabilities, Plan
+from mosaic.context import Context
+from mosaic.functional import plan_for
 from mosaic.layout import SeqLayout
+from mosaic.options import Options, check_shape
 from mosaic.problem import AttentionProblem
 from mosaic.registry import BackendUnavailable, get_backend
 
-from .exchange import merge_spans
-from .ulysses import head_exchanges, head_split_reasons, to_heads
+from .exchange import HeadExchange, merge_spans
+from .ulysses import exchange_cost, head_exchanges, head_split_reasons, to_heads
 
-OPTIONS = ("head_parallel", "seq_parallel", "seq_mesh_shape")
+__all__ = ["ComposedAttention", "ComposedBackend", "ComposedOptions", "ComposedPlan"]
 
 
 @dataclass(frozen=True)
-class _Settings:
-    head_size: int
-    seq_size: int
-    head_parallel: bool
-    seq_parallel: str
-    seq_mesh_shape: tuple[int, ...] | None
-    inner_options: Mapping[str, Any]
+class ComposedOptions(Options):
+    """Options of ``composed``: the mesh, and the sequence strategy with its own options."""
+
+    mesh_shape: tuple[int, int]
+    head_parallel: bool = True
+    seq_parallel: str = "ring"
+    seq_mesh_shape: tuple[int, ...] | None = None
+    seq_options: Any = ()
+    inner: Options = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mesh_shape", check_shape("mesh_shape", self.mesh_shape, 2))
+        if not isinstance(self.head_parallel, bool):
+            raise ValueError(f"option head_parallel must be a bool, got {self.head_parallel!r}")
+        if not isinstance(self.seq_parallel, str):
+            raise ValueError(f"option seq_parallel must be a backend name, got {self.seq_parallel!r}")
+        if self.seq_parallel == "composed":
+            raise ValueError("seq_parallel='composed' would nest the composition in itself; choose e.g. 'ring'")
+        inner = dict(self.seq_options.items() if isinstance(self.seq_options, Mapping) else self.seq_options)
+        object.__setattr__(self, "seq_options", tuple(sorted(inner.items())))
+        if self.seq_mesh_shape is not None:
+            shape = check_shape("seq_mesh_shape", self.seq_mesh_shape)
+            object.__setattr__(self, "seq_mesh_shape", shape)
+            inner["mesh_shape"] = shape
+        try:
+            backend = get_backend(self.seq_parallel)
+        except BackendUnavailable as exc:
+            raise ValueError(f"seq_parallel={self.seq_parallel!r}: {exc}") from None
+        object.__setattr__(self, "inner", backend.parse_options(inner))
 
 
-def _settings(p: AttentionProblem) -> tuple[_Settings | None, list[str]]:
-    """The options read from ``p``, or the reasons they are unusable."""
-    o, reasons = p.options, []
-    shape = p.mesh_shape
-    if shape is None:  # the declared capability (needs_mesh_shape) says so
-        return None, []
-    if len(shape) != 2 or any(not isinstance(n, int) or n < 1 for n in shape):
-        reasons.append(f"mesh_shape must be (h, s), two positive ints, got {shape}")
-    head_parallel = o.get("head_parallel", True)
-    if not isinstance(head_parallel, bool):
-        reasons.append(f"backend option head_parallel must be a bool, got {head_parallel!r}")
-    seq_parallel = o.get("seq_parallel", "ring")
-    if not isinstance(seq_parallel, str):
-        reasons.append(f"backend option seq_parallel must be a backend name, got {seq_parallel!r}")
-    elif seq_parallel == "composed":
-        reasons.append("seq_parallel='composed' would nest the composition in itself; choose e.g. 'ring'")
-    seq_mesh_shape = o.get("seq_mesh_shape")
-    if seq_mesh_shape is not None:
-        if not isinstance(seq_mesh_shape, tuple | list) or any(not isinstance(n, int) for n in seq_mesh_shape):
-            reasons.append(f"backend option seq_mesh_shape must be a tuple of ints, got {seq_mesh_shape!r}")
-        else:
-            seq_mesh_shape = tuple(seq_mesh_shape)
-    if reasons:
-        return None, reasons
-    h, s = shape
-    if h * s != p.size:
-        reasons.append(f"mesh_shape {shape} has {h * s} ranks but the sp group has {p.size}; use (h, {p.size} // h)")
-    if head_parallel:
-        where = f"the head axis (h = {h} of mesh_shape {shape})"
-        hint = "choose an h that divides both head counts, or head_parallel=False"
-        reasons += head_split_reasons(p.heads, p.kv_heads, h, where, hint)
-    rest = MappingProxyType({k: v for k, v in o.items() if k not in OPTIONS})
-    return _Settings(h, s, head_parallel, seq_parallel, seq_mesh_shape, rest), reasons
-
-
-def _inner_problem(p: AttentionProblem, cfg: _Settings, seq_group: dist.ProcessGroup | None = None) -> AttentionProblem:
+def _inner_problem(p: AttentionProblem, o: ComposedOptions, seq_group=None) -> AttentionProblem:
     """What the sequence strategy runs; ``seq_group`` is left out while checking."""
-    if not cfg.head_parallel:
-        return dataclasses.replace(p, mesh_shape=cfg.seq_mesh_shape, options=cfg.inner_options)
-    h, s = cfg.head_size, cfg.seq_size
+    if not o.head_parallel:
+        return dataclasses.replace(p, options=o.inner)
+    h, s = o.mesh_shape
     groups = [range(c * h, (c + 1) * h) for c in range(s)]
     q_spans = [merge_spans([span for r in g for span in p.q_layout.spans(r)]) for g in groups]
     kv_spans = [merge_spans([span for r in g for span in p.kv_block(r).spans]) for g in groups]
@@ -116,8 +105,7 @@ def _inner_problem(p: AttentionProblem, cfg: _Settings, seq_group: dist.ProcessG
         kv_layout=SeqLayout.from_spans(kv_spans, p.kv_layout.kind),
         rank=p.rank // h,
         group=seq_group,
-        mesh_shape=cfg.seq_mesh_shape,
-        options=cfg.inner_options,
+        options=o.inner,
     )
 
 
@@ -125,49 +113,74 @@ class ComposedBackend(Backend):
     """Ulysses over the ``h`` mesh axis, a sequence strategy over the ``s`` axis."""
 
     name = "composed"
-    capabilities = Capabilities(needs_mesh_shape=True)
+    capabilities = Capabilities()
+    Options = ComposedOptions
+
+    def candidate_options(self, problem: AttentionProblem) -> list[Options]:
+        """Every ``(h, s)`` with ``1 < h < P`` dividing both head counts, over a ring or an all-gather."""
+        p = problem.size
+        return [
+            ComposedOptions((h, p // h), seq_parallel=inner)
+            for h in range(2, p)
+            if p % h == 0 and problem.heads % h == 0 and problem.kv_heads % h == 0
+            for inner in ("ring", "allgather")
+        ]
+
+    def prepare(self, context: Context, options: Options) -> None:
+        h, s = options.mesh_shape
+        if options.head_parallel and h * s == context.sp_size and context.sp_size > 1:
+            context.grid((s, h), ("seq", "head"))
 
     def extra_reasons(self, problem: AttentionProblem) -> list[str]:
-        p = problem
-        cfg, reasons = _settings(p)
-        if cfg is None or reasons:
-            return reasons
-        try:
-            inner_backend = get_backend(cfg.seq_parallel)
-        except BackendUnavailable as exc:
-            return [f"seq_parallel={cfg.seq_parallel!r}: {exc}"]
-        inner = _inner_problem(p, cfg)
+        p, o = problem, problem.options
+        h, s = o.mesh_shape
+        if h * s != p.size:
+            return [
+                f"mesh_shape {o.mesh_shape} has {h * s} ranks but the sp group has {p.size}; use (h, {p.size} // h)"
+            ]
+        if o.head_parallel:
+            where = f"the head axis (h = {h} of mesh_shape {o.mesh_shape})"
+            hint = "choose an h that divides both head counts, or head_parallel=False"
+            reasons = head_split_reasons(p.heads, p.kv_heads, h, where, hint)
+            if reasons:
+                return reasons
+        inner_backend = get_backend(o.seq_parallel)
+        inner = _inner_problem(p, o)
         if not inner_backend.capabilities.distributed and inner.size > 1:
             return [
-                f"seq_parallel={cfg.seq_parallel!r} attends within one rank, so it needs s = 1 "
+                f"seq_parallel={o.seq_parallel!r} attends within one rank, so it needs s = 1 "
                 f"(mesh_shape ({p.size}, 1) with head_parallel=True); the sequence axis has {inner.size} ranks"
             ]
-        if inner_backend.capabilities.needs_mesh_shape and cfg.seq_mesh_shape is None:
-            return [
-                f"seq_parallel={cfg.seq_parallel!r} needs backend option seq_mesh_shape "
-                f"(its own mesh over the {inner.size} ranks of the sequence axis)"
-            ]
-        return [f"seq_parallel={cfg.seq_parallel!r}: {r}" for r in inner_backend.not_supported_reasons(inner)]
+        return [f"seq_parallel={o.seq_parallel!r}: {r}" for r in inner_backend.not_supported_reasons(inner)]
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: AttentionProblem) -> torch.Tensor:
-        """Composed attention; callers check ``problem`` first (:meth:`check`), as ``MultiAxisAttention`` does."""
-        p = problem
-        cfg, reasons = _settings(p)
-        if cfg is None or reasons:
-            self.check(p)
-        inner_backend = get_backend(cfg.seq_parallel)
-        if not cfg.head_parallel:
-            inner = _inner_problem(p, cfg)
-            inner_backend.check(inner)
-            return inner_backend.attention(q, k, v, inner)
-        h = cfg.head_size
-        grid = p.context.grid((cfg.seq_size, h), ("seq", "head"), p.group)
+    def plan(self, problem: AttentionProblem) -> Plan:
+        p, o = problem, problem.options
+        inner_backend = get_backend(o.seq_parallel)
+        if not o.head_parallel:
+            inner = plan_for(inner_backend, _inner_problem(p, o), p.context)
+            return ComposedPlan(p, inner.cost, None, None, inner)
+        h, s = o.mesh_shape
+        grid = p.context.grid((s, h), ("seq", "head"), p.group)
         seq, head = grid.coords
-        inner = _inner_problem(p, cfg, grid.group("seq"))
-        inner_backend.check(inner)
+        inner = plan_for(inner_backend, _inner_problem(p, o, grid.group("seq")), p.context)
         q_exchange, kv_exchange = head_exchanges(p, range(seq * h, (seq + 1) * h), grid.group("head"), head)
-        q, k, v = to_heads(q, k, v, p, q_exchange, kv_exchange)
-        return q_exchange.to_seq(inner_backend.attention(q, k, v, inner))
+        exchange = exchange_cost(p, [range(c * h, (c + 1) * h) for c in range(s)])
+        return ComposedPlan(p, exchange + inner.cost, q_exchange, kv_exchange, inner)
+
+
+@dataclass(frozen=True)
+class ComposedPlan(Plan):
+    """The head exchanges of this rank's head group (none without head parallelism) and the inner plan."""
+
+    q_exchange: HeadExchange | None
+    kv_exchange: HeadExchange | None
+    inner: Plan
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.q_exchange is None:
+            return self.inner(q, k, v)
+        q, k, v = to_heads(q, k, v, self.problem, self.q_exchange, self.kv_exchange)
+        return self.q_exchange.to_seq(self.inner(q, k, v))
 
 
 class ComposedAttention(MultiAxisAttention):
@@ -201,9 +214,6 @@ class ComposedAttention(MultiAxisAttention):
         seq_mesh_shape: tuple[int, ...] | None = None,
         **kwargs: Any,
     ):
-        mesh_shape = tuple(mesh_shape)
-        if len(mesh_shape) != 2:
-            raise ValueError(f"mesh_shape must be (h, s), got {mesh_shape}")
         options: dict[str, Any] = {"head_parallel": head_parallel, "seq_parallel": seq_parallel}
         if seq_mesh_shape is not None:
             options["seq_mesh_shape"] = tuple(seq_mesh_shape)

@@ -20,15 +20,19 @@ forward ``(P-1)/P * (2 * n * H + 2 * n' * Hkv) * d`` elements received
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from mosaic.backend import Backend, Capabilities
-from mosaic.blockwise import span_attention
+from mosaic.backend import Backend, Capabilities, Plan
+from mosaic.blockwise import Piece, SpanAttention, blocks
+from mosaic.cost import Cost, attention_flops
 from mosaic.problem import AttentionProblem
 
 from .exchange import HeadExchange
+
+__all__ = ["UlyssesBackend", "UlyssesPlan", "exchange_cost", "head_exchanges", "head_split_reasons", "to_heads"]
 
 
 def head_split_reasons(heads: int, kv_heads: int, parts: int, where: str, hint: str) -> list[str]:
@@ -49,6 +53,26 @@ def head_exchanges(
     q = HeadExchange(group, rank, [problem.q_layout.spans(r) for r in members])
     kv = HeadExchange(group, rank, [problem.kv_block(r).spans for r in members])
     return q, kv
+
+
+def exchange_cost(problem: AttentionProblem, members: Sequence[Sequence[int]]) -> Cost:
+    """The all-to-alls of a head exchange over groups ``members``, forward and backward, for the busiest rank.
+
+    A rank of ``h`` ranks receives ``(h-1)/h`` of its group's rows for its heads and
+    sends as much back: q and the output (``H`` heads), k and v (``Hkv``).
+    """
+    p = problem
+    e = torch.empty((), dtype=p.dtype).element_size()
+    worst = 0.0
+    for group in members:
+        h = len(group)
+        if h == 1:
+            continue
+        rows = sum(p.q_layout.lengths[r] for r in group)
+        keys = sum(p.kv_block(r).size for r in group)
+        worst = max(worst, (h - 1) / h * (2 * rows * p.heads + 2 * keys * p.kv_heads) / h)
+    # Forward: q, k, v in and the output back; the backward moves the same again.
+    return Cost(bytes=2 * p.batch * p.head_dim * e * worst, collectives=4)
 
 
 def to_heads(
@@ -81,13 +105,32 @@ class UlyssesBackend(Backend):
     def extra_reasons(self, problem: AttentionProblem) -> list[str]:
         hint = (
             "use backend='composed' with mesh_shape=(h, s) where h divides both head counts and h * s is the "
-            "group size, or a sequence strategy ('ring', 'allgather')"
+            "group size, or a sequence strategy ('ring', 'allgather', 'switch')"
         )
         return head_split_reasons(problem.heads, problem.kv_heads, problem.size, "the sp group", hint)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: AttentionProblem) -> torch.Tensor:
+    def plan(self, problem: AttentionProblem) -> Plan:
         p = problem
         q_exchange, kv_exchange = head_exchanges(p, range(p.size), p.group, p.rank)
-        q, k, v = to_heads(q, k, v, p, q_exchange, kv_exchange)
-        out = span_attention(q, k, v, q_exchange.positions, kv_exchange.positions, causal=p.causal, scale=p.scale)
-        return q_exchange.to_seq(out)
+        pieces = blocks(q_exchange.positions, kv_exchange.positions, causal=p.causal)
+        flops = attention_flops(p.batch, p.heads // p.size, p.head_dim, sum(p.pairs(r) for r in range(p.size)))
+        exchange = exchange_cost(p, [range(p.size)])
+        e = torch.empty((), dtype=p.dtype).element_size()
+        keys = sum(kv_exchange.rows)
+        memory = p.batch * p.head_dim * e * (2 * p.heads * p.q_layout.total + 2 * p.kv_heads * keys) // p.size
+        cost = Cost(flops, exchange.bytes, 0.0, memory, exchange.collectives)
+        return UlyssesPlan(p, cost, q_exchange, kv_exchange, tuple(pieces))
+
+
+@dataclass(frozen=True)
+class UlyssesPlan(Plan):
+    """The head exchanges of the group and the blocks over the whole dim."""
+
+    q_exchange: HeadExchange
+    kv_exchange: HeadExchange
+    pieces: tuple[Piece, ...]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = self.problem
+        q, k, v = to_heads(q, k, v, p, self.q_exchange, self.kv_exchange)
+        return self.q_exchange.to_seq(SpanAttention.apply(q, k, v, list(self.pieces), p.scale))

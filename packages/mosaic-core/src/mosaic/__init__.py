@@ -5,12 +5,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import torch.nn as nn
+
+from . import sharded
 from .attention import MultiAxisAttention
-from .backend import Backend, BackendNotSupported, Capabilities
+from .auto import AutoBackend, explain
+from .backend import Backend, BackendNotSupported, Capabilities, Plan
 from .context import Context, get_context, init, is_initialized, shutdown
-from .grads import reduce_gradients
+from .cost import Cost, Machine, calibrate
+from .errors import CallMismatchError, CollectiveTimeout
+from .functional import attention, prepare_backend
+from .grads import check_replicas, reduce_gradients
 from .layout import SeqLayout, from_zigzag, to_zigzag
 from .local import LocalBackend
+from .mha import MultiheadAttention
+from .options import NoOptions, Options
 from .problem import AttentionProblem
 from .registry import (
     BackendUnavailable,
@@ -20,37 +29,68 @@ from .registry import (
     register_backend,
     unregister_backend,
 )
+from .sharded import ShardedDim
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttentionProblem",
+    "AutoBackend",
     "Backend",
     "BackendNotSupported",
     "BackendUnavailable",
+    "CallMismatchError",
     "Capabilities",
+    "CollectiveTimeout",
     "ComposedAttention",
     "Context",
+    "Cost",
     "HierarchicalAttention",
     "LocalBackend",
+    "Machine",
     "MultiAxisAttention",
     "MultiAxisAttention2D",
+    "MultiheadAttention",
+    "NoOptions",
+    "Options",
+    "Plan",
     "SeqLayout",
+    "ShardedDim",
+    "attention",
     "available_backends",
+    "calibrate",
+    "check_replicas",
+    "explain",
     "from_zigzag",
     "get_backend",
     "get_context",
     "init",
     "is_initialized",
+    "prepare",
     "reduce_gradients",
     "refresh_backends",
     "register_backend",
+    "sharded",
     "shutdown",
     "to_zigzag",
     "unregister_backend",
 ]
 
 register_backend("local", LocalBackend)
+register_backend("auto", AutoBackend)
+
+
+def prepare(model: nn.Module) -> None:
+    """Create the process groups of every Mosaic layer in ``model`` now (collective over the world).
+
+    Layers built after :func:`init` do it themselves; call this for a model built
+    before it, so that no group is created in the middle of a step.
+    """
+    ctx = get_context()
+    for module in model.modules():
+        if isinstance(module, MultiAxisAttention) and module.backend.capabilities.distributed:
+            prepare_backend(module.backend, module.options, ctx, module.description)
+
 
 # Names provided by the other packages, imported on first use.
 _LAZY = {

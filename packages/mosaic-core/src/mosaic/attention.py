@@ -1,9 +1,18 @@
 """``MultiAxisAttention``: multi-head attention over any dim of an N-D tensor.
 
-Routing moves the attention dim next to the embed dim and folds every other
-dim into one batch dim (a view when the attention dim is already second to
-last), projects to the canonical ``(batch, heads, seq, head_dim)`` layout,
-hands that to the backend, and undoes the routing on the way out.
+Three steps, each public so that a model can work between them:
+
+1. :meth:`MultiAxisAttention.project` moves the attention dim next to embed,
+   folds every other dim into one batch dim (a view when the attention dim is
+   already second to last) and projects to q, k, v in the canonical layout
+   ``(batch', heads, seq_local, head_dim)`` — views of one packed projection;
+2. :meth:`MultiAxisAttention.attend` runs :func:`mosaic.attention` with the
+   module's backend, options and layout (a model may transform q and k first:
+   RoPE, qk-norm, scalable softmax, other kv heads for some queries, a cache);
+3. :meth:`MultiAxisAttention.output` applies the output projection and undoes
+   the folding.
+
+``forward`` is the three in a row.
 """
 
 from __future__ import annotations
@@ -16,20 +25,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .context import get_context
-from .layout import LayoutKind, check_layout
-from .problem import build_problem
+from .context import get_context, is_initialized
+from .functional import UNCHECKED, Call, attend, prepare_backend
+from .layout import LAYOUTS, LayoutKind, check_layout
+from .problem import kv_len_int
 from .registry import get_backend
 
+__all__ = ["MultiAxisAttention"]
 
-def _fold(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Size]:
-    """``(batch', seq, embed)`` with every dim but ``dim`` and embed folded into ``batch'``."""
+
+def fold(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Size]:
+    """``(batch', seq, embed)`` with every dim but ``dim`` and embed folded into ``batch'``, and the batch shape."""
     moved = x.movedim(dim, -2)
     # An explicit batch size: a rank may hold no rows of the attention dim (N < P).
     return moved.reshape(math.prod(moved.shape[:-2]), *moved.shape[-2:]), moved.shape[:-2]
 
 
-def _unfold(y: torch.Tensor, batch_shape: torch.Size, dim: int) -> torch.Tensor:
+def unfold(y: torch.Tensor, batch_shape: torch.Size, dim: int) -> torch.Tensor:
     return y.reshape(*batch_shape, *y.shape[-2:]).movedim(-2, dim)
 
 
@@ -41,17 +53,23 @@ class MultiAxisAttention(nn.Module):
         num_heads: query heads; must divide ``embed_dim``.
         attention_axis: the tensor dim to attend over (negative counts from the end;
             never the last, which is embed).
-        backend: strategy name (``mosaic.available_backends()``); ``"local"`` needs no
-            process group, the others shard ``attention_axis`` over the sp group.
-        mesh_shape: rank grid for backends that need one (``mesh2d``, ``composed``, ...).
+        backend: strategy name (``mosaic.available_backends()``, or ``"auto"``); ``"local"``
+            needs no process group, the others shard ``attention_axis`` over the sp group.
+        mesh_shape: rank grid for backends that take one (``mesh2d``, ``composed``): the
+            backend option ``mesh_shape``.
         num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``);
             then q, k and v get separate projections.
         bias: biases in the projections.
         dropout: dropout on attention weights while training (``local`` only).
-        layout: how the sharded axis is spread over ranks, ``"contiguous"`` or ``"zigzag"``
+        layout: how the sharded dim is spread over ranks, ``"contiguous"`` or ``"zigzag"``
             (balanced causal ring); shard inputs with ``ctx.shard(x, dim, layout)``.
-        backend_options: settings for the backend (e.g. a composition's inner strategy),
-            handed to it as ``AttentionProblem.options``.
+        backend_options: the backend's options (``mosaic.get_backend(name).Options``),
+            checked here: an unknown option raises, listing the valid ones.
+        sharded: whether the attention dim is sharded over the sp group. ``None`` (default)
+            checks the backend against what ``ctx.shard`` / ``ctx.declare_sharded``
+            recorded: a distributed backend over a dim that is not declared sharded, or
+            ``local`` over one that is, raises on every rank instead of computing the
+            wrong thing. ``True``/``False`` declares it for this module alone.
 
     With ``num_kv_heads`` unset, the parameters are those of ``nn.MultiheadAttention``
     (``in_proj_weight``, ``in_proj_bias``, ``out_proj.*``), so its checkpoints load.
@@ -70,6 +88,7 @@ class MultiAxisAttention(nn.Module):
         dropout: float = 0.0,
         layout: LayoutKind = "contiguous",
         backend_options: Mapping[str, Any] | None = None,
+        sharded: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -87,11 +106,13 @@ class MultiAxisAttention(nn.Module):
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, kv_heads
         self.head_dim = embed_dim // num_heads
         self.attention_axis = attention_axis
-        self.mesh_shape = None if mesh_shape is None else tuple(mesh_shape)
         self.dropout = dropout
         self.layout = layout
-        self.backend_options = dict(backend_options or {})
-        self.set_backend(backend)
+        self.sharded = sharded
+        options = dict(backend_options or {})
+        if mesh_shape is not None:
+            options["mesh_shape"] = tuple(mesh_shape)
+        self.set_backend(backend, **options)
         factory = {"device": device, "dtype": dtype}
         self.grouped = num_kv_heads is not None
         if self.grouped:
@@ -119,20 +140,50 @@ class MultiAxisAttention(nn.Module):
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
 
+    # -- the backend -------------------------------------------------------------------------
+
     @property
     def backend_name(self) -> str:
-        return self._backend_name
+        return self.backend.name
 
-    def set_backend(self, name: str) -> None:
-        """Switch strategy (weights are shared by all); fails with an install hint if missing."""
-        self.backend = get_backend(name)
-        self._backend_name = name
+    @property
+    def backend_options(self) -> dict[str, Any]:
+        """The backend's options, every field (defaults included)."""
+        return self.options.as_dict()
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...] | None:
+        return getattr(self.options, "mesh_shape", None)
+
+    def set_backend(self, name: str, **options: Any) -> None:
+        """Switch strategy (the weights are shared by all), with that backend's options, checked now.
+
+        Fails with an install hint when the backend is missing, and with the list of
+        valid options when one is unknown. When Mosaic is initialised the ranks compare
+        the backend and its options, and the backend's process groups are created now,
+        collectively: every rank builds the same modules, in the same order.
+        """
+        backend = get_backend(name)
+        parsed = backend.parse_options(options)
+        if self.sharded is False and backend.capabilities.distributed:
+            raise ValueError(f"backend {name!r} shards the attention dim, but the module says sharded=False")
+        self.backend, self.options = backend, parsed
+        if is_initialized() and backend.capabilities.distributed:
+            prepare_backend(backend, parsed, get_context(), self.description)
 
     def extra_repr(self) -> str:
+        options = f", {self.options}" if self.backend_options else ""
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-            f"attention_axis={self.attention_axis}, backend={self._backend_name!r}, mesh_shape={self.mesh_shape}"
+            f"attention_axis={self.attention_axis}, backend={self.backend_name!r}{options}"
         )
+
+    @property
+    def description(self) -> str:
+        """How errors name this layer."""
+        return f"{type(self).__name__}(attention_axis={self.attention_axis}, backend={self.backend_name!r})"
+
+    # -- parameters ----------------------------------------------------------------------------
 
     def in_proj_weight_tensor(self, repeat_kv: bool = False) -> torch.Tensor:
         """The packed ``(q; k; v)`` projection weight; ``repeat_kv`` repeats grouped kv heads."""
@@ -157,7 +208,10 @@ class MultiAxisAttention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         return t.unflatten(0, (self.num_kv_heads, self.head_dim)).repeat_interleave(groups, 0).flatten(0, 1)
 
-    def _attention_dim(self, x: torch.Tensor, name: str = "x") -> int:
+    # -- input checks --------------------------------------------------------------------------
+
+    def attention_dim(self, x: torch.Tensor, name: str = "x") -> int:
+        """``attention_axis`` as a non-negative dim of ``x``; a ``ValueError`` when ``x`` does not fit."""
         if x.dim() < 3:
             raise ValueError(f"{name} must have at least 3 dims (..., seq, ..., embed), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.embed_dim:
@@ -169,7 +223,7 @@ class MultiAxisAttention(nn.Module):
             raise ValueError("attention_axis points at the last dim, which is embed; choose a token dim")
         return dim
 
-    def _check_dtype(self, x: torch.Tensor, name: str = "x") -> None:
+    def check_dtype(self, x: torch.Tensor, name: str = "x") -> None:
         weight = self.out_proj.weight
         # Under autocast, low-precision activations meet fp32 parameters by design.
         autocast = x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
@@ -179,20 +233,84 @@ class MultiAxisAttention(nn.Module):
                 f"{weight.device.type}; move one to the other (module.to(...) or x.to(...))"
             )
 
-    def _project(self, xq: torch.Tensor, xkv: torch.Tensor | None):
-        """q, k, v as ``(batch', heads, seq, head_dim)`` views of the projections."""
+    def _check_source(self, x: torch.Tensor, source: torch.Tensor, dim: int, name: str) -> None:
+        self.attention_dim(source, name)
+        self.check_dtype(source, name)
+        if source.dim() != x.dim() or any(
+            a != b for i, (a, b) in enumerate(zip(x.shape, source.shape, strict=False)) if i != dim
+        ):
+            raise ValueError(
+                f"{name} shape {tuple(source.shape)} must equal x shape {tuple(x.shape)} except along dim {dim}"
+            )
+
+    # -- the three steps -----------------------------------------------------------------------
+
+    def project(
+        self, x: torch.Tensor, kv: torch.Tensor | None = None, value: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as ``(batch', heads, seq_local, head_dim)`` from ``x`` (and ``kv`` for keys/values).
+
+        ``value`` (default: ``kv``, or ``x``) is a separate source for the values, as
+        ``nn.MultiheadAttention`` allows. Checks the inputs; ``batch'`` folds every dim of
+        ``x`` but the attention dim and embed, in order.
+        """
+        dim = self.attention_dim(x)
+        self.check_dtype(x)
+        for name, source in (("kv", kv), ("value", value)):
+            if source is not None:
+                self._check_source(x, source, dim, name)
+        xq = fold(x, dim)[0]
+        xk = None if kv is None else fold(kv, dim)[0]
+        xv = None if value is None else fold(value, dim)[0]
+        return self._project(xq, xk, xv)
+
+    def _project(self, xq: torch.Tensor, xk: torch.Tensor | None, xv: torch.Tensor | None = None):
         b, length, _ = xq.shape
-        if not self.grouped and xkv is None:
+        if not self.grouped and xk is None and xv is None:
             qkv = F.linear(xq, self.in_proj_weight, self.in_proj_bias)
             return qkv.view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         w, bias = self.in_proj_weight_tensor(), self.in_proj_bias_tensor()
-        source = xq if xkv is None else xkv
         e, kvw = self.embed_dim, self.num_kv_heads * self.head_dim
-        q = F.linear(xq, w[:e], None if bias is None else bias[:e])
-        kv = F.linear(source, w[e:], None if bias is None else bias[e:])
-        k, v = kv.split([kvw, kvw], dim=-1)
+        part = lambda lo, hi: (w[lo:hi], None if bias is None else bias[lo:hi])
+        keys = xq if xk is None else xk
+        q = F.linear(xq, *part(0, e))
+        if xv is None or xv is keys:
+            k, v = F.linear(keys, *part(e, e + 2 * kvw)).split([kvw, kvw], dim=-1)
+        else:
+            k, v = F.linear(keys, *part(e, e + kvw)), F.linear(xv, *part(e + kvw, e + 2 * kvw))
         heads = lambda t, n: t.view(b, t.shape[1], n, self.head_dim).transpose(1, 2)
         return heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        kv_len: int | None = None,
+        causal: bool = False,
+        dim: int | None = None,
+        batch_shape: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        """:func:`mosaic.attention` with this module's backend, options, layout and dropout.
+
+        Args:
+            q, k, v: as :meth:`project` returns them (possibly transformed).
+            kv_len: only the first ``kv_len`` positions (global index along the dim) are keys.
+            causal: query ``i`` attends to keys ``j <= i`` (global positions).
+            dim: the attention dim of the input (non-negative), for the sharding
+                declaration check; default ``attention_axis`` when it is non-negative.
+            batch_shape: the dims folded into batch' (for backends that redistribute them).
+        """
+        call = self._call(kv_len_int(kv_len), causal, dim, batch_shape or (q.shape[0],))
+        return attend(q, k, v, call)
+
+    def output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The output projection of ``out`` (``(batch', heads, seq, head_dim)``), shaped like ``x``."""
+        dim = self.attention_axis % x.dim()
+        b, _, length, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, length, self.embed_dim)
+        return unfold(self.out_proj(out), fold(x, dim)[1], dim)
 
     def forward(
         self, x: torch.Tensor, kv: torch.Tensor | None = None, *, kv_len: int | None = None, causal: bool = False
@@ -204,41 +322,66 @@ class MultiAxisAttention(nn.Module):
                 With a distributed backend, this rank's shard along ``attention_axis``.
             kv: source of keys/values for cross-attention; same shape as ``x`` except
                 along ``attention_axis``.
-            kv_len: only the first ``kv_len`` positions (global index along the axis) are
-                keys/values, e.g. TabPFN's training rows; in ``[1, N]``.
+            kv_len: only the first ``kv_len`` positions (global index along the dim) are
+                keys/values, e.g. TabPFN's training rows; in ``[1, N]``; an int, a numpy
+                integer or a 0-d integer tensor.
             causal: query ``i`` attends to keys ``j <= i`` (global positions).
         """
-        dim = self._attention_dim(x)
-        self._check_dtype(x)
-        if kv is not None:
-            self._attention_dim(kv, "kv")
-            self._check_dtype(kv, "kv")
-            if kv.dim() != x.dim() or any(
-                a != b for i, (a, b) in enumerate(zip(x.shape, kv.shape, strict=False)) if i != dim
-            ):
+        try:
+            if kv is x:
                 raise ValueError(
-                    f"kv shape {tuple(kv.shape)} must equal x shape {tuple(x.shape)} except along dim {dim}"
+                    f"{self.description} was called as attn(x, x): it returns a tensor, not nn.MultiheadAttention's "
+                    "(output, weights), so attn(x, x)[0] would take batch element 0. Call attn(x) for "
+                    "self-attention, or use mosaic.MultiheadAttention for nn.MultiheadAttention's call convention"
                 )
-        if kv_len is not None and (isinstance(kv_len, bool) or not isinstance(kv_len, int)):
-            raise TypeError(f"kv_len must be an int, got {type(kv_len).__name__}")
-        xq, batch_shape = _fold(x, dim)
-        xkv = None if kv is None else _fold(kv, dim)[0]
-        q, k, v = self._project(xq, xkv)
-        distributed = self.backend.capabilities.distributed
-        problem = build_problem(
-            q,
-            k,
-            context=get_context() if distributed else None,
-            layout=self.layout,
-            kv_len=kv_len,
-            causal=causal,
-            scale=1.0 / math.sqrt(self.head_dim),
-            dropout=self.dropout if self.training else 0.0,
-            cross=kv is not None,
-            mesh_shape=self.mesh_shape,
-            options=self.backend_options,
+            kv_len = kv_len_int(kv_len)
+            q, k, v = self.project(x, kv)
+            dim = self.attention_axis % x.dim()
+            batch_shape = tuple(fold(x, dim)[1])
+        except (TypeError, ValueError) as exc:
+            if not self.backend.capabilities.distributed:
+                raise
+            # Every rank of the sp group must learn of it: they are waiting at this call's guard.
+            attend(None, None, None, self._call(None, causal, None, ()), error=exc)
+            raise AssertionError("unreachable: the guard raises") from exc
+        out = attend(q, k, v, self._call(kv_len, causal, dim, batch_shape))
+        return self.output(out, x)
+
+    def _call(self, kv_len: int | None, causal: bool, dim: int | None, batch_shape: tuple[int, ...]) -> Call:
+        return Call(
+            self.backend,
+            self.options,
+            kv_len,
+            bool(causal),
+            self.layout,
+            None,
+            self.dropout if self.training else 0.0,
+            tuple(batch_shape),
+            self.description,
+            self._declared(dim),
         )
-        self.backend.check(problem)
-        out = self.backend.attention(q, k, v, problem)
-        out = out.transpose(1, 2).reshape(xq.shape[0], xq.shape[1], self.embed_dim)
-        return _unfold(self.out_proj(out), batch_shape, dim)
+
+    def _declared(self, dim: int | None) -> int:
+        """The sharding declaration of the attention dim, as the guard compares it."""
+        distributed = self.backend.capabilities.distributed
+        if self.sharded is not None:
+            if self.sharded and not distributed:
+                raise ValueError(
+                    f"{self.description}: sharded=True, but backend 'local' sees only this rank's rows; "
+                    "choose a distributed backend"
+                )
+            return 1 + LAYOUTS.index(self.layout) if self.sharded else UNCHECKED
+        if dim is None and self.attention_axis >= 0:
+            dim = self.attention_axis
+        if dim is None or not is_initialized():
+            return UNCHECKED
+        ctx = get_context()
+        code = ctx.sharding_code(dim)
+        if not distributed and code and ctx.sp_size > 1:
+            raise ValueError(
+                f"{self.description} attends over dim {dim}, which is sharded over the sp group "
+                f"(ctx.shard(..., dim={dim}) or ctx.declare_sharded({dim})): backend 'local' would see only this "
+                "rank's rows. Choose a distributed backend ('allgather', 'ring', 'auto', ...), or pass "
+                "sharded=False to the module if this tensor's dim is whole on every rank"
+            )
+        return code if distributed else UNCHECKED

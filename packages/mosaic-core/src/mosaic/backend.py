@@ -1,23 +1,36 @@
-"""The backend contract: what a strategy declares and what it is handed.
+"""The backend contract: what a strategy declares, what it plans, what it runs.
 
-A backend receives q, k, v in the canonical layout ``(batch, heads,
-seq_local, head_dim)`` and an :class:`~mosaic.problem.AttentionProblem`, and
-returns the attention output in the layout of q. It declares what it supports
-in :class:`Capabilities`; :meth:`Backend.not_supported_reasons` turns a
-mismatch into sentences, and :meth:`Backend.check` into one error listing all
-of them (as xformers' operator dispatch does).
+A backend turns an :class:`~mosaic.problem.AttentionProblem` — facts every
+rank of the sp group shares — into a frozen :class:`Plan`: everything the
+call needs that can be decided from those facts (blocks, step sizes, busy
+tables, groups, exchanges) and its :class:`~mosaic.cost.Cost`. Mosaic caches
+plans by the facts that decide them, so a call with the same shapes only
+executes: ``plan(q, k, v)`` runs collectives and kernels and nothing else.
+
+A backend declares what it supports in :class:`Capabilities` and its typed
+options in ``Options`` (a frozen :class:`~mosaic.options.Options` dataclass);
+:meth:`Backend.not_supported_reasons` turns a mismatch into sentences and
+:meth:`Backend.check` into one error listing all of them, as xformers'
+operator dispatch does.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .cost import Cost
 from .layout import LAYOUTS
-from .problem import AttentionProblem
+from .options import NoOptions, Options
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .problem import AttentionProblem
+
+__all__ = ["FLOAT_DTYPES", "Backend", "BackendNotSupported", "Capabilities", "Plan"]
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
@@ -42,7 +55,23 @@ class Capabilities:
     min_group_size: int = 1
     max_group_size: int | None = None
     max_head_dim: int | None = None
-    needs_mesh_shape: bool = False
+
+
+@dataclass(frozen=True)
+class Plan(ABC):
+    """One backend's schedule for one problem; calling it runs the attention (differentiable).
+
+    Subclasses are frozen dataclasses that add what their execution needs.
+    ``cost`` describes the busiest rank of the group and is computed from facts
+    every rank shares, so it is the same on every rank (``auto`` relies on it).
+    """
+
+    problem: AttentionProblem
+    cost: Cost
+
+    @abstractmethod
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output for the local query rows, shaped like ``q``."""
 
 
 class Backend(ABC):
@@ -50,6 +79,31 @@ class Backend(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    Options: ClassVar[type[Options]] = NoOptions
+
+    def parse_options(self, values: Options | dict[str, Any] | None = None) -> Options:
+        """Typed options from keyword values; a ``ValueError`` listing the valid fields otherwise."""
+        return self.Options.parse(self.name, values)
+
+    def prepare(self, context: Context, options: Options) -> None:
+        """Create the process groups this backend will use with ``options``, now (collective over the world).
+
+        Modules call it when they are built (and ``mosaic.prepare`` for modules built
+        before ``mosaic.init``), so groups never appear in the middle of a step.
+        The default creates none: the backend runs on the sp group itself.
+        """
+        return None
+
+    def candidate_options(self, problem: AttentionProblem) -> list[Options]:
+        """Option sets ``backend="auto"`` should try for ``problem`` (default: the defaults, if there are).
+
+        Backends whose options have no defaults (a mesh shape) list the sensible
+        values here, e.g. every factorisation of the group size.
+        """
+        try:
+            return [self.parse_options({})]
+        except ValueError:
+            return []
 
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
         """Human-readable reasons this backend can't run ``problem``; empty when it can."""
@@ -64,7 +118,7 @@ class Backend(ABC):
         if p.kv_len is not None and not caps.kv_len:
             reasons.append("kv_len not supported")
         if p.cross and not caps.cross_attention:
-            reasons.append("cross-attention (kv=...) not supported")
+            reasons.append("cross-attention (keys from another sequence) not supported")
         if p.kv_heads != p.heads and not caps.gqa:
             reasons.append(f"grouped kv heads ({p.kv_heads} kv for {p.heads} query heads) not supported")
         if p.dropout > 0 and not caps.dropout:
@@ -77,8 +131,9 @@ class Backend(ABC):
             reasons.append(f"runs on at most {caps.max_group_size} ranks, the sp group has {p.size}")
         if caps.max_head_dim is not None and p.head_dim > caps.max_head_dim:
             reasons.append(f"head dim {p.head_dim} > {caps.max_head_dim}")
-        if caps.needs_mesh_shape and p.mesh_shape is None:
-            reasons.append("needs mesh_shape=(...) on the module")
+        if not isinstance(p.options, self.Options):
+            reasons.append(f"options are {type(p.options).__name__}, this backend takes {self.Options.__name__}")
+            return reasons
         return reasons + self.extra_reasons(problem)
 
     def extra_reasons(self, problem: AttentionProblem) -> list[str]:
@@ -92,5 +147,5 @@ class Backend(ABC):
             raise BackendNotSupported(f"backend {self.name!r} can't run this attention because:\n{listed}")
 
     @abstractmethod
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: AttentionProblem) -> torch.Tensor:
-        """Attention output for the local query rows, shaped like ``q``; differentiable."""
+    def plan(self, problem: AttentionProblem) -> Plan:
+        """The schedule for ``problem`` (which :meth:`check` accepted); decided from shared facts only."""

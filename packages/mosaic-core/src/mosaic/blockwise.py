@@ -3,22 +3,39 @@
 Every strategy ends up asking the same question: "these query rows sit at
 these global positions, these key rows at those; with ``kv_len`` and
 ``causal``, which (query rows, key rows) blocks must be computed, and how?"
-:func:`plan` answers it once for all of them. A plan is a list of
+:func:`blocks` answers it once for all of them. The answer is a list of
 :class:`Piece` s, each a full block or a square causal block whose query and
 key rows sit at the same positions (so every kernel's causal alignment rule
-agrees). :func:`forward` runs a plan and merges the pieces with their
+agrees). :func:`forward` runs those blocks and merges the pieces with their
 log-sum-exp; :func:`backward` runs the matching kernel backwards.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .kernels import KernelCall, attention_backward, attention_forward, lse_dtype
 from .layout import Span
+
+__all__ = [
+    "Partial",
+    "Piece",
+    "SpanAttention",
+    "accumulate",
+    "backward",
+    "backward_",
+    "block_grads",
+    "blocks",
+    "cut_spans",
+    "empty_partial",
+    "forward",
+    "merge_",
+    "span_attention",
+]
 
 
 @dataclass(frozen=True)
@@ -46,7 +63,7 @@ def cut_spans(spans: tuple[Span, ...], kv_len: int | None) -> tuple[Span, ...]:
     return tuple((a, min(b, kv_len)) for a, b in spans if min(b, kv_len) > a)
 
 
-def plan(
+def blocks(
     q_spans: tuple[Span, ...],
     k_spans: tuple[Span, ...],
     *,
@@ -134,13 +151,17 @@ def _join(a: Piece, b: Piece) -> Piece | None:
 def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
     """Fold a partial result into an accumulator, in place (fp32 ``out``/``lse``).
 
+    The weights are ``sigmoid(+-(block_lse - lse))``, which sum to one to the last bit:
+    the form ``exp(lse - logaddexp(...))`` rounds the merged ``lse`` first, and an ulp
+    of a large ``lse`` (large logits) then scaled every row, which cost the gradients
+    8x the error of one kernel over all keys (tests/test_precision.py).
     Rows with no key on either side (``lse = -inf``) stay ``out = 0, lse = -inf``: no NaN.
     Two passes over ``out`` (scale, then add the weighted block); the rest is per row.
     """
-    new = torch.logaddexp(lse, block_lse)
-    safe = new.masked_fill(torch.isneginf(new), 0.0)
-    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).addcmul_(block_out, torch.exp(block_lse - safe).unsqueeze(-1))
-    lse.copy_(new)
+    gap = block_lse - lse
+    gap = gap.masked_fill(torch.isnan(gap), 0.0)  # both -inf: neither side has a key
+    out.mul_(torch.sigmoid(-gap).unsqueeze(-1)).addcmul_(block_out, torch.sigmoid(gap).unsqueeze(-1))
+    lse.copy_(torch.logaddexp(lse, block_lse))
 
 
 class Partial:
@@ -179,7 +200,7 @@ def empty_partial(q: torch.Tensor, rows: int | None = None) -> tuple[torch.Tenso
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: list[Piece], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, list[KernelCall | None]]:
-    """Run a plan: ``(out, lse, calls)``; ``out`` is fp32 unless one piece covers every query row."""
+    """Run blocks: ``(out, lse, calls)``; ``out`` is fp32 unless one piece covers every query row."""
     if len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]):
         p = pieces[0]
         out, lse, call = attention_forward(q, k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale)
@@ -196,25 +217,17 @@ def forward(
 
 
 def accumulate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_spans: tuple[Span, ...],
-    k_spans: tuple[Span, ...],
-    causal: bool,
-    scale: float,
-    partial: Partial,
-) -> tuple[list[Piece], list[KernelCall | None]]:
-    """Fold the attention of ``q`` to one key block into ``partial``.
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: Sequence[Piece], scale: float, partial: Partial
+) -> list[KernelCall | None]:
+    """Fold the attention of ``q`` to one key block (``pieces`` of it) into ``partial``.
 
-    Returns the plan and kernel calls, which :func:`block_grads` needs for this block.
+    Returns the kernel calls, which :func:`block_grads` needs with the same pieces.
     """
-    pieces = plan(q_spans, k_spans, causal=causal) if k.shape[2] else []
     calls: list[KernelCall | None] = []
     if pieces:
-        block_out, block_lse, calls = forward(q, k, v, pieces, scale)
+        block_out, block_lse, calls = forward(q, k, v, list(pieces), scale)
         partial.add(block_out, block_lse)
-    return pieces, calls
+    return calls
 
 
 def backward_(
@@ -231,7 +244,7 @@ def backward_(
     dk: torch.Tensor,
     dv: torch.Tensor,
 ) -> None:
-    """Add the plan's gradients into ``dq, dk, dv`` (accumulators shaped like q, k, v)."""
+    """Add the blocks' gradients into ``dq, dk, dv`` (accumulators shaped like q, k, v)."""
     for p, call in zip(pieces, calls, strict=True):
         g = attention_backward(
             dout[:, :, p.q],
@@ -250,7 +263,7 @@ def backward_(
 
 
 def _whole(pieces: list[Piece], q: torch.Tensor, k: torch.Tensor) -> bool:
-    """One full piece covering every query and key row: the kernel's gradients are the plan's."""
+    """One full piece covering every query and key row: the kernel's gradients are the blocks'."""
     return len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]) and pieces[0].k == slice(0, k.shape[2])
 
 
@@ -294,7 +307,7 @@ def backward(
     scale: float,
     round_kv: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of a plan; dq in q's dtype, dk/dv in k's and v's or, with ``round_kv=False``,
+    """Gradients of blocks; dq in q's dtype, dk/dv in k's and v's or, with ``round_kv=False``,
     unrounded (fp32 when they were summed over blocks or grouped heads) for a caller that sums them further."""
     if _whole(pieces, q, k):
         p = pieces[0]
@@ -309,7 +322,7 @@ def backward(
 
 
 class SpanAttention(torch.autograd.Function):
-    """Differentiable attention over a plan (used by strategies whose keys are all local)."""
+    """Differentiable attention over blocks (used by strategies whose keys are all local)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pieces: list[Piece], scale: float):
@@ -343,5 +356,5 @@ def span_attention(
     With no query rows the result is empty but still depends on k and v, so a
     collective in their backward runs on every rank.
     """
-    pieces = plan(q_spans, k_spans, causal=causal, kv_len=kv_len)
+    pieces = blocks(q_spans, k_spans, causal=causal, kv_len=kv_len)
     return SpanAttention.apply(q, k, v, pieces, scale)

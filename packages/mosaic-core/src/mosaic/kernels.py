@@ -9,7 +9,9 @@ of every key block exact without recomputing or storing a score matrix.
 
 The work is done by PyTorch's fused SDPA operators, picked in order of speed
 among those that accept the input (cuDNN, then flash on CUDA; the CPU flash
-operator on CPU) with an exact math fallback (fp32/fp64 on CUDA). PyTorch's
+operator on CPU) with an exact math fallback (fp32/fp64 on CUDA); query and
+key lengths <= 64 (feature attention) go to a Triton kernel first
+(:mod:`mosaic.tiny`). PyTorch's
 memory-efficient operator is not used: on torch 2.11 its backward gave wrong
 dQ when handed a merged ``out``/``lse`` (seen on an H200, 2026-11-27). ``causal`` means
 top-left aligned, and callers only ask for it on square blocks whose query and
@@ -27,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from . import tiny
 
 aten = torch.ops.aten
 
@@ -58,8 +62,8 @@ class Kernel(ABC):
     max_head_dim: int | None = None
     pad_head_dim_to: int = 1
 
-    def reasons(self, q: torch.Tensor) -> list[str]:
-        """Why this kernel can't run ``q``; empty when it can."""
+    def reasons(self, q: torch.Tensor, k: torch.Tensor | None = None) -> list[str]:
+        """Why this kernel can't run ``q`` (against ``k``, for kernels that care); empty when it can."""
         out = []
         if q.device.type != self.device_type:
             out.append(f"needs a {self.device_type} tensor, got {q.device.type}")
@@ -189,13 +193,32 @@ class CpuFlashKernel(Kernel):
         )
 
 
+class TinyKernel(Kernel):
+    """Query and key lengths <= 64 (feature attention): many (batch, head) pairs per tile, see :mod:`mosaic.tiny`."""
+
+    name = "tiny"
+
+    def reasons(self, q, k=None):
+        return tiny.reasons(q, k)
+
+    def max_batch(self, heads, q_len, k_len):
+        return 1 << 62  # its grid is 1-D over tiles: no 65535 limit to chunk for
+
+    def forward(self, q, k, v, causal, scale):
+        out, lse = tiny.forward(q, k, v, causal=causal, scale=scale)
+        return out, lse, None
+
+    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        return tiny.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+
+
 class MathKernel(Kernel):
     """Exact reference arithmetic in fp32 (fp64 for fp64): any device, dtype and head dim."""
 
     name = "math"
     device_type = ""
 
-    def reasons(self, q):
+    def reasons(self, q, k=None):
         return []
 
     def max_batch(self, heads, q_len, k_len):
@@ -212,9 +235,13 @@ class MathKernel(Kernel):
 
     def forward(self, q, k, v, causal, scale):
         scores = self._scores(q, k, causal, scale)
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.unsqueeze(-1))
-        return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype), lse, None
+        # Normalise by the sum itself, as the fused kernels do: exp(scores - lse) would carry the
+        # rounding of lse (an ulp of the largest score) into every output row.
+        top = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)  # a row with no key: weights 0, lse -inf
+        weights = torch.exp(scores - top)
+        total = weights.sum(-1, keepdim=True)
+        out = torch.matmul(weights, v.to(weights.dtype)) / total.clamp_min(torch.finfo(total.dtype).tiny)
+        return out.to(q.dtype), (top + total.log()).squeeze(-1), None
 
     def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
         acc = lse.dtype
@@ -229,26 +256,29 @@ class MathKernel(Kernel):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-KERNELS: dict[str, Kernel] = {k.name: k for k in (CudnnKernel(), FlashKernel(), CpuFlashKernel(), MathKernel())}
+# In order of preference: tiny first, as it accepts only the short sequences where it is the fastest.
+KERNELS: dict[str, Kernel] = {
+    k.name: k for k in (TinyKernel(), CudnnKernel(), FlashKernel(), CpuFlashKernel(), MathKernel())
+}
 
 
-def kernel_reasons(q: torch.Tensor) -> dict[str, list[str]]:
-    """For every kernel, why it can't run ``q`` (empty list: it can)."""
-    return {name: kernel.reasons(q) for name, kernel in KERNELS.items()}
+def kernel_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> dict[str, list[str]]:
+    """For every kernel, why it can't run ``q`` against ``k`` (empty list: it can)."""
+    return {name: kernel.reasons(q, k) for name, kernel in KERNELS.items()}
 
 
-def select_kernel(q: torch.Tensor) -> Kernel:
-    """The fastest kernel that accepts ``q``, or the one ``MOSAIC_KERNEL`` names."""
+def select_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> Kernel:
+    """The fastest kernel that accepts ``q`` (against ``k``), or the one ``MOSAIC_KERNEL`` names."""
     forced = os.environ.get("MOSAIC_KERNEL")
     if forced:
         if forced not in KERNELS:
             raise ValueError(f"MOSAIC_KERNEL={forced!r} is not one of {list(KERNELS)}")
-        reasons = KERNELS[forced].reasons(q)
+        reasons = KERNELS[forced].reasons(q, k)
         if reasons:
             raise RuntimeError(f"MOSAIC_KERNEL={forced} can't run this input: {'; '.join(reasons)}")
         return KERNELS[forced]
     for kernel in KERNELS.values():
-        if not kernel.reasons(q):
+        if not kernel.reasons(q, k):
             return kernel
     raise AssertionError("the math kernel accepts every input")
 
@@ -306,7 +336,7 @@ def attention_forward(
     if length == 0 or k.shape[2] == 0:
         out = q.new_zeros(q.shape)
         return out, torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device), None
-    kernel = select_kernel(q)
+    kernel = select_kernel(q, k)
     width = _round_up(d, kernel.pad_head_dim_to)
     qp, kp, vp = (_pad_last(t, width) for t in (q, _expand_heads(k, h), _expand_heads(v, h)))
     step = kernel.max_batch(h, length, k.shape[2])

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .backend import Backend, Capabilities
-from .blockwise import cut_spans, span_attention
+from .backend import Backend, Capabilities, Plan
+from .blockwise import Piece, SpanAttention, blocks, cut_spans
+from .cost import Cost, attention_flops
 from .kernels import CUDA_MAX_BATCH_HEADS
 from .problem import AttentionProblem
+
+__all__ = ["LocalBackend", "SpanPlan", "span_plan"]
 
 
 class LocalBackend(Backend):
@@ -17,25 +22,49 @@ class LocalBackend(Backend):
     name = "local"
     capabilities = Capabilities(distributed=False, dropout=True)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: AttentionProblem) -> torch.Tensor:
-        p = problem
-        if p.dropout > 0:
-            return _dropout_attention(q, k, v, p)
-        return span_attention(q, k, v, p.q_spans, p.kv_spans(), causal=p.causal, kv_len=p.kv_len, scale=p.scale)
+    def plan(self, problem: AttentionProblem) -> Plan:
+        if problem.dropout > 0:
+            return DropoutPlan(problem, _local_cost(problem))
+        return span_plan(problem)
 
 
-def _dropout_attention(q, k, v, p: AttentionProblem) -> torch.Tensor:
+@dataclass(frozen=True)
+class SpanPlan(Plan):
+    """Every key is local: one plan of blocks (:func:`mosaic.blockwise.blocks`) over this rank's rows."""
+
+    pieces: tuple[Piece, ...]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return SpanAttention.apply(q, k, v, list(self.pieces), self.problem.scale)
+
+
+def span_plan(problem: AttentionProblem) -> SpanPlan:
+    """The local plan of ``problem`` (also a distributed strategy's plan on a group of one)."""
+    p = problem
+    pieces = blocks(p.q_spans, p.kv_spans(), causal=p.causal, kv_len=p.kv_len)
+    return SpanPlan(p, _local_cost(p), tuple(pieces))
+
+
+def _local_cost(p: AttentionProblem) -> Cost:
+    return Cost(flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()))
+
+
+@dataclass(frozen=True)
+class DropoutPlan(Plan):
     """Dropout on attention weights needs the random mask in backward: leave it to torch's SDPA."""
-    keys = cut_spans(p.kv_spans(), p.kv_len)[0][1]
-    k, v = k[:, :, :keys], v[:, :, :keys]
-    if p.kv_heads != p.heads:
-        k, v = (t.repeat_interleave(p.heads // p.kv_heads, dim=1) for t in (k, v))
-    mask = None
-    if p.causal:
-        mask = torch.ones(q.shape[2], keys, dtype=torch.bool, device=q.device).tril()
-    step = max(1, CUDA_MAX_BATCH_HEADS // p.heads)
-    outs = [
-        F.scaled_dot_product_attention(q[s], k[s], v[s], attn_mask=mask, dropout_p=p.dropout, scale=p.scale)
-        for s in (slice(i, i + step) for i in range(0, q.shape[0], step))
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = self.problem
+        keys = cut_spans(p.kv_spans(), p.kv_len)[0][1]
+        k, v = k[:, :, :keys], v[:, :, :keys]
+        if p.kv_heads != p.heads:
+            k, v = (t.repeat_interleave(p.heads // p.kv_heads, dim=1) for t in (k, v))
+        mask = None
+        if p.causal:
+            mask = torch.ones(q.shape[2], keys, dtype=torch.bool, device=q.device).tril()
+        step = max(1, CUDA_MAX_BATCH_HEADS // p.heads)
+        outs = [
+            F.scaled_dot_product_attention(q[s], k[s], v[s], attn_mask=mask, dropout_p=p.dropout, scale=p.scale)
+            for s in (slice(i, i + step) for i in range(0, q.shape[0], step))
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -1,36 +1,42 @@
-"""The facts a backend receives with q, k, v: shapes, sharding, masks.
+"""The facts a backend plans from: shapes, sharding, masks, options — the same on every rank.
 
-For a distributed backend the facts are agreed on first: every rank of the sp
-group shares its local shapes over the CPU metadata group, so a rank whose
-input disagrees (another batch, head count or dtype) makes every rank raise
-the same clear error instead of a hang or a silently wrong result.
+An :class:`AttentionProblem` describes one attention call in the canonical
+layout ``(batch, heads, seq_local, head_dim)``. For a distributed backend it
+is built from the table the guard (:mod:`mosaic.guard`) returned, so every
+rank of the sp group holds the same facts (and its own ``rank``); a fact
+that differs between ranks raises the same error on every rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import struct
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from .context import Context, exchange_ints
-from .layout import LayoutKind, SeqLayout, Span
+from .layout import LAYOUTS, SeqLayout, Span
+from .options import NoOptions, Options
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+if TYPE_CHECKING:
+    from .context import Context
+
+__all__ = ["DTYPES", "AttentionProblem", "KeyBlock", "check_kv_len", "float_bits", "kv_len_int"]
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AttentionProblem:
     """One attention call in the canonical layout ``(batch, heads, seq_local, head_dim)``.
 
     ``q_layout``/``kv_layout`` say which global positions along the attention
     dim each rank of ``group`` holds; ``kv_len`` keeps keys at global positions
-    ``< kv_len`` only; ``causal`` lets query ``i`` see keys ``<= i``.
-    ``options`` carries backend-specific settings from the module
-    (``backend_options``), e.g. a composition's inner strategy.
+    ``< kv_len`` only; ``causal`` lets query ``i`` see keys ``<= i``;
+    ``options`` are the backend's typed options; ``batch_shape`` the dims
+    folded into ``batch`` (row-major), for backends that redistribute them.
     """
 
     batch: int
@@ -47,8 +53,8 @@ class AttentionProblem:
     scale: float
     dropout: float = 0.0
     cross: bool = False
-    mesh_shape: tuple[int, ...] | None = None
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    options: Options = field(default_factory=NoOptions)
+    batch_shape: tuple[int, ...] = ()
     context: Context | None = None
     group: dist.ProcessGroup | None = None
 
@@ -60,6 +66,15 @@ class AttentionProblem:
     @property
     def q_spans(self) -> tuple[Span, ...]:
         return self.q_layout.spans(self.rank)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Everything a plan may depend on, hashable: plans are cached by it."""
+        return (
+            self.batch, self.heads, self.kv_heads, self.head_dim, self.dtype, self.device, self.q_layout,
+            self.kv_layout, self.rank, self.causal, self.kv_len, self.scale, self.dropout, self.cross, self.options,
+            self.batch_shape, id(self.group),
+        )  # fmt: skip
 
     def kv_spans(self, rank: int | None = None) -> tuple[Span, ...]:
         return self.kv_layout.spans(self.rank if rank is None else rank)
@@ -77,6 +92,23 @@ class AttentionProblem:
                     rows.append(slice(row, row + stop - a))
             row += b - a
         return KeyBlock(tuple(spans), tuple(rows))
+
+    def pairs(self, rank: int | None = None) -> int:
+        """Visible (query, key) pairs of ``rank``'s queries (default this rank) over all keys, one head."""
+        m = self.kv_layout.total if self.kv_len is None else self.kv_len
+        spans = self.q_layout.spans(self.rank if rank is None else rank)
+        if not self.causal:
+            return sum(b - a for a, b in spans) * m
+
+        def seen(stop: int) -> int:  # sum over queries i < stop of min(i + 1, m)
+            tri = min(stop, m)
+            return tri * (tri + 1) // 2 + max(0, stop - m) * m
+
+        return sum(seen(b) - seen(a) for a, b in spans)
+
+    def busiest_pairs(self) -> int:
+        """:meth:`pairs` of the rank with the most: the step time of a balanced schedule."""
+        return max(self.pairs(r) for r in range(self.size))
 
 
 @dataclass(frozen=True)
@@ -112,77 +144,35 @@ class KeyBlock:
         return out
 
 
-def _check_kv_len(kv_len: int | None, total: int) -> None:
+def kv_len_int(kv_len: Any) -> int | None:
+    """``kv_len`` as an int: ints, numpy integers and 0-d integer tensors; a ``TypeError`` otherwise."""
+    if kv_len is None:
+        return None
+    if isinstance(kv_len, bool) or (isinstance(kv_len, torch.Tensor) and kv_len.is_floating_point()):
+        raise TypeError(f"kv_len must be an int, got {kv_len!r}")
+    try:
+        return int(kv_len.__index__())
+    except (AttributeError, TypeError, RuntimeError):
+        raise TypeError(f"kv_len must be an int, got {type(kv_len).__name__}") from None
+
+
+def check_kv_len(kv_len: int | None, total: int) -> None:
     if kv_len is not None and not 1 <= kv_len <= total:
         raise ValueError(f"kv_len={kv_len} is outside [1, {total}] (the global key length along the attention dim)")
 
 
-def build_problem(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    context: Context | None,
-    layout: LayoutKind,
-    kv_len: int | None,
-    causal: bool,
-    scale: float,
-    dropout: float = 0.0,
-    cross: bool = False,
-    mesh_shape: tuple[int, ...] | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> AttentionProblem:
-    """Describe an attention call; with a ``context`` the attention dim is sharded over its sp group."""
-    b, h, length, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    common = dict(
-        batch=b,
-        heads=h,
-        kv_heads=hkv,
-        head_dim=d,
-        dtype=q.dtype,
-        device=q.device,
-        causal=causal,
-        kv_len=kv_len,
-        scale=scale,
-        dropout=dropout,
-        cross=cross,
-        mesh_shape=mesh_shape,
-        options=MappingProxyType(dict(options or {})),
-    )
-    if context is None:
-        _check_kv_len(kv_len, s)
-        return AttentionProblem(q_layout=SeqLayout((length,)), kv_layout=SeqLayout((s,)), rank=0, **common)
-    dtype_code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-    facts = [length, s, b, h, hkv, d, -1 if kv_len is None else kv_len, int(causal), dtype_code, int(cross)]
-    table = exchange_ints(context, facts)
-    _check_agreement(table, context)
-    q_layout = SeqLayout(tuple(table[:, 0].tolist()), layout)
-    kv_layout = SeqLayout(tuple(table[:, 1].tolist()), layout)
-    _check_kv_len(kv_len, kv_layout.total)
-    return AttentionProblem(
-        q_layout=q_layout, kv_layout=kv_layout, rank=context.sp_rank, context=context, group=context.sp_group, **common
-    )
+def float_bits(x: float) -> int:
+    """The bits of a float64, as an int64 (so floats travel in the guard's integer rows exactly)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-_FACT_NAMES = (
-    "batch (all dims but attention and embed, folded)",
-    "heads",
-    "kv heads",
-    "head dim",
-    "kv_len",
-    "causal",
-    "dtype",
-    "cross-attention (kv given)",
-)
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPES.index(dtype) if dtype in DTYPES else -1
 
 
-def _check_agreement(table: torch.Tensor, context: Context) -> None:
-    for column, name in zip(range(2, table.shape[1]), _FACT_NAMES, strict=True):
-        values = table[:, column].tolist()
-        if len(set(values)) != 1:
-            if name == "dtype":
-                values = [str(_DTYPES[v]) if v >= 0 else "other" for v in values]
-            raise ValueError(
-                f"attention inputs disagree across the sp group: {name} is {values} on sp ranks "
-                f"0..{context.sp_size - 1}; every rank must pass the same shapes except along the attention dim"
-            )
+def layout_code(kind: str) -> int:
+    return LAYOUTS.index(kind) if kind in LAYOUTS else len(LAYOUTS)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -15,11 +15,23 @@ from importlib.metadata import EntryPoint, entry_points
 
 from .backend import Backend
 
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "KNOWN_BACKENDS",
+    "BackendUnavailable",
+    "available_backends",
+    "get_backend",
+    "refresh_backends",
+    "register_backend",
+    "unregister_backend",
+]
+
 ENTRY_POINT_GROUP = "mosaic.backends"
 
 # Where the known backends live, for the install hint when one is missing.
 KNOWN_BACKENDS: dict[str, str] = {
     "local": "mosaic-core",
+    "auto": "mosaic-core",
     "ring": "mosaic-ring",
     "allgather": "mosaic-ring",
     "ring_flash_attn": "mosaic-ring[flash]",
@@ -27,6 +39,8 @@ KNOWN_BACKENDS: dict[str, str] = {
     "ulysses": "mosaic-compose",
     "composed": "mosaic-compose",
     "hierarchical": "mosaic-hier",
+    "switch": "mosaic-compose",
+    "magi": "mosaic-magi",
 }
 
 _registered: dict[str, Backend | type[Backend]] = {}

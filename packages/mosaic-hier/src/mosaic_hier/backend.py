@@ -14,33 +14,46 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from types import MappingProxyType
 
 import torch
 
-from mosaic.backend import Backend, Capabilities
+from mosaic.backend import Backend, Capabilities, Plan
+from mosaic.context import Context
+from mosaic.cost import Cost, attention_flops
+from mosaic.functional import plan_for
+from mosaic.kernels import lse_dtype
+from mosaic.options import Options
 from mosaic.problem import AttentionProblem
 from mosaic.registry import BackendUnavailable, get_backend
 
-from .hierarchical import HierarchicalAttentionFunction
-from .options import HierOptions, option_reasons, warn_local_world
+from .hierarchical import HierPlan
+from .options import HierOptions, warn_local_world
 from .topology import topology
 
+__all__ = ["HierarchicalBackend", "delegation"]
 
-def delegation(problem: AttentionProblem, opts: HierOptions) -> tuple[str, AttentionProblem, str] | None:
-    """``(backend, problem, why)`` when another backend runs this hierarchy exactly; ``None`` to run it here."""
+
+def delegation(problem: AttentionProblem, opts: HierOptions) -> tuple[str, dict, str] | None:
+    """``(backend, its options, why)`` when another backend runs this hierarchy exactly; ``None`` to run it here."""
     local, nodes = opts.intra_node_size, opts.nodes(problem.size)
     if opts.intra_node_strategy == "ulysses":
-        options = {"head_parallel": True, "seq_parallel": opts.inter_node_strategy}
-        composed = dataclasses.replace(problem, mesh_shape=(local, nodes), options=MappingProxyType(options))
+        options = {"mesh_shape": (local, nodes), "head_parallel": True, "seq_parallel": opts.inter_node_strategy}
         why = f"intra_node_strategy='ulysses' x inter_node_strategy={opts.inter_node_strategy!r}"
-        return "composed", composed, why
-    flat = dataclasses.replace(problem, options=MappingProxyType({}))
+        return "composed", options, why
     if nodes == 1:
-        return opts.intra_node_strategy, flat, f"one node (intra_node_size={local} = sp size)"
+        return opts.intra_node_strategy, {}, f"one node (intra_node_size={local} = sp size)"
     if local == 1:
-        return opts.inter_node_strategy, flat, "one rank per node (intra_node_size=1)"
+        return opts.inter_node_strategy, {}, "one rank per node (intra_node_size=1)"
     return None
+
+
+def _delegated(problem: AttentionProblem) -> tuple[Backend, AttentionProblem] | None:
+    delegated = delegation(problem, problem.options)
+    if delegated is None:
+        return None
+    name, options, _ = delegated
+    backend = get_backend(name)
+    return backend, dataclasses.replace(problem, options=backend.parse_options(options))
 
 
 class HierarchicalBackend(Backend):
@@ -48,12 +61,22 @@ class HierarchicalBackend(Backend):
 
     name = "hierarchical"
     capabilities = Capabilities()
+    Options = HierOptions
+
+    def candidate_options(self, problem: AttentionProblem) -> list[Options]:
+        """torchrun's node size when the sp group spans several nodes; nothing on one node."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", problem.size))
+        if not 1 < local < problem.size or problem.size % local:
+            return []
+        return [HierOptions(local, a, b) for a in ("ring", "allgather") for b in ("ring", "allgather")]
+
+    def prepare(self, context: Context, options: Options) -> None:
+        local = options.intra_node_size
+        if context.sp_size > 1 and context.sp_size % local == 0:
+            context.grid((context.sp_size // local, local), ("inter", "intra"))
 
     def extra_reasons(self, problem: AttentionProblem) -> list[str]:
-        reasons = option_reasons(problem.options)
-        if reasons:
-            return reasons
-        opts = HierOptions.from_mapping(problem.options)
+        opts = problem.options
         if problem.size % opts.intra_node_size:
             return [
                 f"intra_node_size={opts.intra_node_size} does not divide the sp group size {problem.size}; "
@@ -62,19 +85,38 @@ class HierarchicalBackend(Backend):
         delegated = delegation(problem, opts)
         if delegated is None:
             return []
-        name, inner, why = delegated
+        name, _, why = delegated
         what = f"{why} runs as backend {name!r}"
         try:
-            backend = get_backend(name)
+            backend, inner = _delegated(problem)
         except BackendUnavailable as exc:
             return [f"{what}, which is unavailable: {exc}"]
+        except ValueError as exc:
+            return [f"{what}, which can't take it: {exc}"]
         return [f"{what}, which can't run it: {r}" for r in backend.not_supported_reasons(inner)]
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: AttentionProblem) -> torch.Tensor:
-        opts = HierOptions.from_mapping(problem.options)
+    def plan(self, problem: AttentionProblem) -> Plan:
+        opts = problem.options
         warn_local_world(opts.intra_node_size, os.environ.get("LOCAL_WORLD_SIZE"))
-        delegated = delegation(problem, opts)
+        delegated = _delegated(problem)
         if delegated is not None:
-            name, inner, _ = delegated
-            return get_backend(name).attention(q, k, v, inner)
-        return HierarchicalAttentionFunction.apply(q, k, v, problem, topology(problem, opts.intra_node_size), opts)
+            backend, inner = delegated
+            return plan_for(backend, inner, problem.context)
+        topo = topology(problem, opts.intra_node_size)
+        return HierPlan.of(problem, topo, opts, _cost(problem, opts))
+
+
+def _cost(p: AttentionProblem, opts: HierOptions) -> Cost:
+    """The busiest rank: a flat ring's bytes (the same total volume), hidden when both levels are rings."""
+    e = torch.empty((), dtype=p.dtype).element_size()
+    f = torch.empty((), dtype=lse_dtype(p.dtype)).element_size()
+    kept = [p.kv_block(r).size for r in range(p.size)]
+    width = p.batch * 2 * p.kv_heads * p.head_dim
+    rings = (opts.inter_node_strategy == "ring") + (opts.intra_node_strategy == "ring")
+    return Cost(
+        flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()),
+        bytes=width * (sum(kept) - min(kept)) * (2 * e + f),
+        hidden=rings / 2,
+        memory=width * max(kept) * opts.intra_node_size * (e + f),
+        collectives=2 * (p.size - 1),
+    )

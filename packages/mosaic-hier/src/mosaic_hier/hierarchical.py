@@ -29,7 +29,7 @@ reduce-scatters it. Inner all-gathers are repeated in backward under an outer
 ring (keeping them would cost O(N) memory) and kept under an outer all-gather.
 
 ``kv_len``: only rows below it exist in the blocks; an empty holding is
-neither sent nor computed. Causal: :func:`mosaic.blockwise.plan` gives exact
+neither sent nor computed. Causal: :func:`mosaic.blockwise.blocks` gives exact
 pieces for any spans; balance comes from the zigzag layout over the whole sp
 group, under which every (query rank, key rank) pair costs the same, so every
 step of either level is balanced.
@@ -41,11 +41,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaic.blockwise import Partial, Piece, accumulate, block_grads
+from mosaic.backend import Plan
+from mosaic.blockwise import Partial, Piece, accumulate, block_grads, blocks
 from mosaic.comm import all_gather_uneven, reduce_scatter_uneven, resized, rotate, rotate_back
 from mosaic.kernels import KernelCall, lse_dtype
 from mosaic.layout import Span
-from mosaic.problem import AttentionProblem
+from mosaic.problem import AttentionProblem, KeyBlock
 
 from .options import HierOptions
 from .topology import Topology
@@ -54,6 +55,8 @@ from .topology import Topology
 ROWS = 3
 
 Step = tuple[list[Piece], list[KernelCall | None]]
+
+__all__ = ["HierPlan", "Holding", "holdings"]
 
 
 @dataclass(frozen=True)
@@ -77,21 +80,49 @@ def holdings(p: AttentionProblem, topo: Topology, inter: str) -> list[list[Holdi
     return [[rail(lr, [(topo.node - j) % topo.nodes]) for lr in range(topo.local)] for j in range(topo.nodes)]
 
 
-def _attend(p: AttentionProblem, q, kv, spans, partial: Partial) -> Step:
+@dataclass(frozen=True)
+class HierPlan(Plan):
+    """The two-level schedule of one rank: its place, what every rank of its node holds at each
+    outer step, and the pieces of every block of key positions it will attend to."""
+
+    topo: Topology
+    options: HierOptions
+    schedule: tuple[tuple[Holding, ...], ...]
+    pieces: dict[tuple[Span, ...], tuple[Piece, ...]]
+    mine: KeyBlock
+    rail: tuple[int, ...]  # key rows of each rank of this rank's rail
+
+    @classmethod
+    def of(cls, p: AttentionProblem, topo: Topology, opts: HierOptions, cost) -> HierPlan:
+        schedule = tuple(tuple(node) for node in holdings(p, topo, opts.inter_node_strategy))
+        if opts.intra_node_strategy == "allgather":
+            seen = {tuple(s for h in node for s in h.spans) for node in schedule}
+        else:
+            seen = {h.spans for node in schedule for h in node}
+        pieces = {spans: tuple(blocks(p.q_spans, spans, causal=p.causal)) for spans in seen}
+        rail = tuple(p.kv_block(topo.rank_of(node, topo.local_rank)).size for node in range(topo.nodes))
+        return cls(p, cost, topo, opts, schedule, pieces, p.kv_block(p.rank), rail)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return HierarchicalAttentionFunction.apply(q, k, v, self)
+
+
+def _attend(plan: HierPlan, q, kv, spans, partial: Partial) -> Step:
     """Fold the local queries' attention to ``kv`` (at ``spans``) into ``partial``."""
-    return accumulate(q, kv[0], kv[1], p.q_spans, spans, p.causal, p.scale, partial)
+    pieces = list(plan.pieces[spans])
+    return pieces, accumulate(q, kv[0], kv[1], pieces, plan.problem.scale, partial)
 
 
-def _attend_backward(p: AttentionProblem, dout, q, out, lse, kv, step: Step, dq):
+def _attend_backward(plan: HierPlan, dout, q, out, lse, kv, step: Step, dq):
     """Add this step's dQ into ``dq``; return ``(dK, dV)`` of ``kv`` (unrounded), or None."""
-    return block_grads(dout, q, kv[0], kv[1], out, lse, *step, p.scale, dq)
+    return block_grads(dout, q, kv[0], kv[1], out, lse, *step, plan.problem.scale, dq)
 
 
 class _NodeGather:
     """Inner all-gather: gather what the node holds, attend to it, reduce-scatter dK/dV back."""
 
-    def __init__(self, p: AttentionProblem, topo: Topology, keep: bool):
-        self.p, self.topo, self.keep = p, topo, keep
+    def __init__(self, plan: HierPlan, keep: bool):
+        self.p, self.topo, self.keep = plan, plan.topo, keep
 
     def forward(self, q, held, node: list[Holding], partial: Partial) -> tuple[list[Step], torch.Tensor | None]:
         """Merge the node's holdings into ``partial``; return what backward needs."""
@@ -118,8 +149,8 @@ class _NodeGather:
 class _NodeRing:
     """Inner ring: the node's holdings rotate round it; dK/dV accumulators follow them home."""
 
-    def __init__(self, p: AttentionProblem, topo: Topology):
-        self.p, self.topo = p, topo
+    def __init__(self, plan: HierPlan):
+        self.p, self.topo = plan, plan.topo
 
     def _order(self, node: list[Holding]) -> list[Holding]:
         """What this rank holds at each inner step: its own holding first, then the previous ranks'."""
@@ -148,63 +179,55 @@ class HierarchicalAttentionFunction(torch.autograd.Function):
     """Differentiable two-level attention over ``topo`` (both levels of size >= 2)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, p: AttentionProblem, topo: Topology, opts: HierOptions):
-        schedule = holdings(p, topo, opts.inter_node_strategy)
+    def forward(ctx, q, k, v, plan: HierPlan):
+        topo, opts, schedule = plan.topo, plan.options, plan.schedule
         # Gathered node K/V is kept for backward only when there is one outer step (O(N) memory otherwise).
         inner = (
-            _NodeGather(p, topo, keep=len(schedule) == 1)
-            if opts.intra_node_strategy == "allgather"
-            else _NodeRing(p, topo)
+            _NodeGather(plan, keep=len(schedule) == 1) if opts.intra_node_strategy == "allgather" else _NodeRing(plan)
         )
-        mine = p.kv_block(p.rank)
+        mine = plan.mine
         held = torch.stack([mine.take(k), mine.take(v)])
         partial, saved = Partial(q), []
         if opts.inter_node_strategy == "allgather":
-            rail = _rail_sizes(p, topo)
-            held = all_gather_uneven(held, rail, ROWS, topo.inter) if sum(rail) else held
+            held = all_gather_uneven(held, list(plan.rail), ROWS, topo.inter) if sum(plan.rail) else held
             ctx.rail_held = held
-            saved.append(inner.forward(q, held, schedule[0], partial))
+            saved.append(inner.forward(q, held, list(schedule[0]), partial))
         else:
             # The rail block seen last is kept: the backward's rail ring starts from it.
             ctx.rail_last = rotate(
                 topo.inter, held, [node[topo.local_rank].size for node in schedule], ROWS,
-                lambda j, kv: saved.append(inner.forward(q, kv, schedule[j], partial)),
+                lambda j, kv: saved.append(inner.forward(q, kv, list(schedule[j]), partial)),
             )  # fmt: skip
         out, lse = partial.result()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem, ctx.topo, ctx.opts, ctx.schedule, ctx.inner, ctx.saved = p, topo, opts, schedule, inner, saved
+        ctx.plan, ctx.inner, ctx.saved = plan, inner, saved
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        p: AttentionProblem = ctx.problem
-        topo: Topology = ctx.topo
-        schedule, inner, saved = ctx.schedule, ctx.inner, ctx.saved
+        plan: HierPlan = ctx.plan
+        topo, schedule, inner, saved = plan.topo, plan.schedule, ctx.inner, ctx.saved
         dq = torch.zeros(q.shape, dtype=lse_dtype(q.dtype), device=q.device)
-        mine = p.kv_block(p.rank)
-        if ctx.opts.inter_node_strategy == "allgather":
-            grad = inner.backward(dout, q, out, lse, ctx.rail_held, schedule[0], saved[0], dq)
-            rail = _rail_sizes(p, topo)
+        mine = plan.mine
+        if plan.options.inter_node_strategy == "allgather":
+            grad = inner.backward(dout, q, out, lse, ctx.rail_held, list(schedule[0]), saved[0], dq)
+            rail = list(plan.rail)
             own = reduce_scatter_uneven(grad, rail, ROWS, topo.inter) if sum(rail) else grad
         else:
             own = _outer_ring_backward(dout, q, out, lse, torch.stack([mine.take(k), mine.take(v)]), ctx, dq)
         dk = mine.put(own[0].to(k.dtype), k) if mine.size else torch.zeros_like(k)
         dv = mine.put(own[1].to(v.dtype), v) if mine.size else torch.zeros_like(v)
-        return dq.to(q.dtype), dk, dv, None, None, None
-
-
-def _rail_sizes(p: AttentionProblem, topo: Topology) -> list[int]:
-    """Key rows owned by each rank of this rank's rail, in node order."""
-    return [p.kv_block(topo.rank_of(node, topo.local_rank)).size for node in range(topo.nodes)]
+        return dq.to(q.dtype), dk, dv, None
 
 
 def _outer_ring_backward(dout, q, out, lse, held, ctx, dq) -> torch.Tensor:
     """The rail ring of backward: blocks come round again, each with its fp32 dK/dV accumulator."""
-    topo: Topology = ctx.topo
-    schedule, inner, saved = ctx.schedule, ctx.inner, ctx.saved
+    plan: HierPlan = ctx.plan
+    topo, schedule, inner, saved = plan.topo, plan.schedule, ctx.inner, ctx.saved
     return rotate_back(
         topo.inter, held, [node[topo.local_rank].size for node in schedule], ROWS,
-        lambda j, kv: inner.backward(dout, q, out, lse, kv, schedule[j], saved[j], dq), dq.dtype, last=ctx.rail_last,
+        lambda j, kv: inner.backward(dout, q, out, lse, kv, list(schedule[j]), saved[j], dq), dq.dtype,
+        last=ctx.rail_last,
     )  # fmt: skip

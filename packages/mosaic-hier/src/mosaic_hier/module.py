@@ -6,7 +6,7 @@ from typing import Any
 
 from mosaic.attention import MultiAxisAttention
 
-from .options import HierOptions
+__all__ = ["HierarchicalAttention"]
 
 
 class HierarchicalAttention(MultiAxisAttention):
@@ -39,9 +39,13 @@ class HierarchicalAttention(MultiAxisAttention):
         attention_axis: int,
         **kwargs: Any,
     ):
-        options = HierOptions(intra_node_size, inter_node_strategy, intra_node_strategy)
+        options = {
+            "intra_node_size": intra_node_size,
+            "inter_node_strategy": inter_node_strategy,
+            "intra_node_strategy": intra_node_strategy,
+        }
         super().__init__(
-            embed_dim, num_heads, attention_axis, backend="hierarchical", backend_options=options.as_dict(), **kwargs
+            embed_dim, num_heads, attention_axis, backend="hierarchical", backend_options=options, **kwargs
         )
 
     def extra_repr(self) -> str:

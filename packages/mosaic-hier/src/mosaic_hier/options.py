@@ -22,6 +22,17 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from mosaic.options import Options
+
+__all__ = [
+    "INTER_STRATEGIES",
+    "INTRA_STRATEGIES",
+    "HierOptions",
+    "local_world_mismatch",
+    "option_reasons",
+    "warn_local_world",
+]
+
 INTER_STRATEGIES = ("ring", "allgather")
 INTRA_STRATEGIES = ("ring", "allgather", "ulysses")
 _KEYS = ("intra_node_size", "inter_node_strategy", "intra_node_strategy")
@@ -51,7 +62,7 @@ def option_reasons(options: Mapping[str, Any]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class HierOptions:
+class HierOptions(Options):
     """A checked hierarchy: ``intra_node_size`` ranks per node and the strategy of each level."""
 
     intra_node_size: int
@@ -62,21 +73,6 @@ class HierOptions:
         reasons = option_reasons(self.as_dict())
         if reasons:
             raise ValueError("invalid hierarchy: " + "; ".join(reasons))
-
-    @classmethod
-    def from_mapping(cls, options: Mapping[str, Any]) -> HierOptions:
-        """The hierarchy in ``backend_options`` (a ``ValueError`` listing every problem otherwise)."""
-        reasons = option_reasons(options)
-        if reasons:
-            raise ValueError("invalid hierarchy: " + "; ".join(reasons))
-        return cls(**options)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "intra_node_size": self.intra_node_size,
-            "inter_node_strategy": self.inter_node_strategy,
-            "intra_node_strategy": self.intra_node_strategy,
-        }
 
     def nodes(self, sp_size: int) -> int:
         """Nodes in an sp group of ``sp_size`` ranks."""

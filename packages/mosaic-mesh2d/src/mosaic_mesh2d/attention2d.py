@@ -12,16 +12,24 @@ with no re-sharding.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
 from mosaic.attention import MultiAxisAttention
 from mosaic.context import get_context
-from mosaic.problem import build_problem
+from mosaic.functional import attend
+from mosaic.guard import site_id
+from mosaic.problem import kv_len_int
 
-from .grid import check_mesh_shape, grid_layouts, shard_grid, unshard_grid
+from .grid import check_mesh_shape, layouts_from_rows, shard_grid, unshard_grid
+
+__all__ = ["MultiAxisAttention2D"]
+
+
+def grid_declaration(mesh_shape: tuple[int, int], which: int) -> str:
+    """What :meth:`MultiAxisAttention2D.shard` records for dim ``which`` (1 or 2) of the grid."""
+    return f"grid {mesh_shape[0]}x{mesh_shape[1]} mesh axis {which - 1}"
 
 
 class MultiAxisAttention2D(MultiAxisAttention):
@@ -66,6 +74,7 @@ class MultiAxisAttention2D(MultiAxisAttention):
             mesh_shape,
             num_kv_heads=num_kv_heads,
             bias=bias,
+            sharded=True,
             device=device,
             dtype=dtype,
         )
@@ -92,9 +101,14 @@ class MultiAxisAttention2D(MultiAxisAttention):
         return dims[0], dims[1]
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's block of the full tensor ``x`` (a view): axis1 over mesh rows, axis2 over columns."""
+        """This rank's block of the full tensor ``x`` (a view): axis1 over mesh rows, axis2 over columns.
+
+        Records that both dims are sharded as this grid (the module checks it on every call).
+        """
         d1, d2 = self._joint_dims(x)
-        return shard_grid(x, d1, d2, self.mesh_shape, get_context().sp_rank)
+        ctx = get_context()
+        ctx.sharded_dims[d1], ctx.sharded_dims[d2] = (grid_declaration(self.mesh_shape, i) for i in (1, 2))
+        return shard_grid(x, d1, d2, self.mesh_shape, ctx.sp_rank)
 
     def unshard(self, x: torch.Tensor) -> torch.Tensor:
         """The full tensor from every rank's block (collective over the sp group; not differentiable)."""
@@ -114,41 +128,51 @@ class MultiAxisAttention2D(MultiAxisAttention):
                 order (``a1 * N2 + a2 < kv_len``), are keys; ``kv_len = k * N2`` keeps the
                 first ``k`` positions along ``axis1``. In ``[1, N1 * N2]``.
             causal: not supported (the ``mesh2d`` backend says why).
+
+        Every rank's input is checked with the others' in one guarded exchange: a bad
+        input on one rank, blocks that do not form a grid, or dims not sharded as this
+        grid (:meth:`shard`) raise the same error on every rank.
         """
-        d1, d2 = self._joint_dims(x)
-        if kv is not None:
-            kv_dims = self._joint_dims(kv, "kv")
-            others = [(a, b) for i, (a, b) in enumerate(zip(x.shape, kv.shape, strict=False)) if i not in (d1, d2)]
-            if kv_dims != (d1, d2) or kv.dim() != x.dim() or any(a != b for a, b in others):
-                raise ValueError(
-                    f"kv shape {tuple(kv.shape)} must equal x shape {tuple(x.shape)} except along dims {d1} and {d2}"
-                )
-        if kv_len is not None and (isinstance(kv_len, bool) or not isinstance(kv_len, int)):
-            raise TypeError(f"kv_len must be an int, got {type(kv_len).__name__}")
-        xq, batch_shape, block = _fold_joint(x, d1, d2)
-        xkv, kv_block = None, block
-        if kv is not None:
-            xkv, _, kv_block = _fold_joint(kv, d1, d2)
-        q, k, v = self._project(xq, xkv)
         ctx = get_context()
-        problem = build_problem(
-            q,
-            k,
-            context=ctx,
-            layout="contiguous",
-            kv_len=kv_len,
-            causal=causal,
-            scale=1.0 / math.sqrt(self.head_dim),
-            cross=kv is not None,
-            mesh_shape=self.mesh_shape,
-        )
-        # build_problem checked that the ranks agree; the grid says which joint positions each holds.
-        q_layout, kv_layout = grid_layouts(ctx, self.mesh_shape, {"x": block, "kv": kv_block})
-        problem = dataclasses.replace(problem, q_layout=q_layout, kv_layout=kv_layout)
-        self.backend.check(problem)
-        out = self.backend.attention(q, k, v, problem)
+        try:
+            d1, d2 = self._joint_dims(x)
+            self.check_dtype(x)
+            if kv is not None:
+                kv_dims = self._joint_dims(kv, "kv")
+                self.check_dtype(kv, "kv")
+                others = [(a, b) for i, (a, b) in enumerate(zip(x.shape, kv.shape, strict=False)) if i not in (d1, d2)]
+                if kv_dims != (d1, d2) or kv.dim() != x.dim() or any(a != b for a, b in others):
+                    shapes = f"kv shape {tuple(kv.shape)} must equal x shape {tuple(x.shape)}"
+                    raise ValueError(f"{shapes} except along dims {d1} and {d2}")
+            kv_len = kv_len_int(kv_len)
+            xq, batch_shape, block = _fold_joint(x, d1, d2)
+            xkv, kv_block = None, block
+            if kv is not None:
+                xkv, _, kv_block = _fold_joint(kv, d1, d2)
+            q, k, v = self._project(xq, xkv)
+            declared = [site_id(ctx.sharded_dims.get(d, "none")) for d in (d1, d2)]
+        except (TypeError, ValueError) as exc:
+            attend(None, None, None, self._call(None, causal, None, ()), error=exc)
+            raise AssertionError("unreachable: the guard raises") from exc
+        expected = [site_id(grid_declaration(self.mesh_shape, i)) for i in (1, 2)]
+
+        def layouts(rows):
+            if any(list(r[-6:-4]) != expected for r in rows):
+                raise ValueError(
+                    f"{self.description}: dims {d1} and {d2} are not sharded as a {self.mesh_shape} grid on every "
+                    "rank; shard the tensor with MultiAxisAttention2D.shard (dim1 over the mesh rows, dim2 over "
+                    "the columns)"
+                )
+            return layouts_from_rows(rows, self.mesh_shape, ["x", "kv"])
+
+        call = self._call(kv_len, causal, None, tuple(batch_shape))
+        out = attend(q, k, v, call, extra_facts=[*declared, *block, *kv_block], layouts=layouts)
         out = out.transpose(1, 2).reshape(xq.shape[0], xq.shape[1], self.embed_dim)
         return _unfold_joint(self.out_proj(out), batch_shape, block, d1, d2)
+
+    @property
+    def description(self) -> str:
+        return f"MultiAxisAttention2D(axis1={self.attention_axis}, mesh_shape={self.mesh_shape})"
 
 
 def _fold_joint(x: torch.Tensor, d1: int, d2: int) -> tuple[torch.Tensor, torch.Size, tuple[int, int]]:

@@ -94,18 +94,28 @@ def grid_layouts(
 ) -> list[GridLayout]:
     """The :class:`GridLayout` of each named tensor whose block on this rank is ``(n1, n2)`` long.
 
-    One exchange over the CPU metadata group covers every tensor. Every rank
-    of a mesh row must hold the same length along dim1, every rank of a mesh
-    column the same along dim2; otherwise all ranks raise the same error.
+    One guarded exchange over the sp group covers every tensor (:func:`layouts_from_rows`).
     """
     rows, cols = mesh_shape
     if rows * cols != ctx.sp_size:
         raise ValueError(f"mesh_shape {mesh_shape} has {rows * cols} ranks but the sp group has {ctx.sp_size}")
     mine = [n for sizes in local_sizes.values() for n in sizes]
-    table = exchange_ints(ctx, mine).view(rows, cols, len(local_sizes), 2)
+    return layouts_from_rows(exchange_ints(ctx, mine, "grid_layouts"), mesh_shape, list(local_sizes))
+
+
+def layouts_from_rows(table: list[tuple[int, ...]], mesh_shape: tuple[int, int], names: list[str]) -> list[GridLayout]:
+    """Grid layouts from every rank's ``(n1, n2)`` per tensor (the last ``2 * len(names)`` ints of each row).
+
+    Every rank of a mesh row must hold the same length along dim1, every rank of a
+    mesh column the same along dim2; otherwise all ranks raise the same error.
+    """
+    rows, cols = mesh_shape
+    width = 2 * len(names)
+    sizes = torch.tensor([list(r[len(r) - width :]) for r in table], dtype=torch.int64)
+    grid = sizes.view(rows, cols, len(names), 2)
     out = []
-    for t, name in enumerate(local_sizes):
-        along1, along2 = table[:, :, t, 0], table[:, :, t, 1]
+    for t, name in enumerate(names):
+        along1, along2 = grid[:, :, t, 0], grid[:, :, t, 1]
         uneven = [
             f"mesh row {i}: {along1[i].tolist()} along dim1" for i in range(rows) if along1[i].unique().numel() > 1
         ]

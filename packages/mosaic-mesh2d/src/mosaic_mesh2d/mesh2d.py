@@ -8,7 +8,7 @@ exactly once.
 
 Forward:
   1. all-gather Q along the row group and K,V (one tensor) along the column group;
-  2. run the tile's blocks (:func:`mosaic.blockwise.plan`) into a partial ``(out, lse)``;
+  2. run the tile's blocks (:func:`mosaic.blockwise.blocks`) into a partial ``(out, lse)``;
   3. all-to-all the partials (fp32, ``lse`` as one more channel) back to the
      owners of the query rows, who merge the ``C`` partials with their
      log-sum-exp: a reduce-scatter whose reduction is the softmax merge.
@@ -42,36 +42,64 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mosaic.backend import Backend, Capabilities
-from mosaic.blockwise import Piece, backward_, empty_partial, merge_, plan, span_attention
+from mosaic.backend import Backend, Capabilities, Plan
+from mosaic.blockwise import Piece, backward_, blocks, empty_partial, merge_
 from mosaic.blockwise import forward as block_forward
 from mosaic.comm import all_gather_uneven, all_to_all_uneven, reduce_scatter_uneven
+from mosaic.context import Context
+from mosaic.cost import Cost, attention_flops
 from mosaic.kernels import lse_dtype
 from mosaic.layout import LAYOUTS
+from mosaic.local import span_plan
+from mosaic.options import Options, check_shape
 from mosaic.problem import AttentionProblem, KeyBlock
 
-from .grid import check_mesh_shape, mesh_groups
+from .grid import mesh_groups
+
+__all__ = ["Mesh2DBackend", "Mesh2DOptions", "Tile", "comm_bytes"]
+
+
+@dataclass(frozen=True)
+class Mesh2DOptions(Options):
+    """Options of ``mesh2d``.
+
+    Args:
+        mesh_shape: ``(R, C)``, ``R * C`` = the sp group size; sp rank ``i * C + j`` sits at
+            ``(i, j)``. Queries are gathered along rows (``C`` ranks), keys along columns
+            (``R`` ranks): with few kv heads a tall mesh (large ``R``) moves less.
+    """
+
+    mesh_shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mesh_shape", check_shape("mesh_shape", self.mesh_shape, 2))
 
 
 class Mesh2DBackend(Backend):
     """2-D tile attention over the sp group arranged as ``mesh_shape = (R, C)``."""
 
     name = "mesh2d"
-    capabilities = Capabilities(needs_mesh_shape=True, layouts=frozenset({*LAYOUTS, "grid"}))
+    capabilities = Capabilities(layouts=frozenset({*LAYOUTS, "grid"}))
+    Options = Mesh2DOptions
+
+    def candidate_options(self, problem: AttentionProblem) -> list[Options]:
+        """Every proper factorisation ``R x C`` of the group (``R, C >= 2``; the others are rings)."""
+        p = problem.size
+        return [Mesh2DOptions((r, p // r)) for r in range(2, p // 2 + 1) if p % r == 0]
+
+    def prepare(self, context: Context, options: Options) -> None:
+        rows, cols = options.mesh_shape
+        if rows * cols == context.sp_size and context.sp_size > 1:
+            mesh_groups(context, (rows, cols))
 
     def extra_reasons(self, problem: AttentionProblem) -> list[str]:
         p, reasons = problem, []
-        if p.mesh_shape is not None:
-            try:
-                rows, cols = check_mesh_shape(p.mesh_shape)
-            except ValueError as exc:
-                reasons.append(str(exc))
-            else:
-                if rows * cols != p.size:
-                    reasons.append(
-                        f"mesh_shape {tuple(p.mesh_shape)} has {rows * cols} ranks but the sp group has {p.size}; "
-                        f"choose (R, C) with R * C = {p.size}"
-                    )
+        rows, cols = p.options.mesh_shape
+        if rows * cols != p.size:
+            reasons.append(
+                f"mesh_shape {(rows, cols)} has {rows * cols} ranks but the sp group has {p.size}; "
+                f"choose (R, C) with R * C = {p.size}"
+            )
         if p.causal and p.q_layout.kind == "grid":
             reasons.append(
                 "causal=True over a 2-D grid (MultiAxisAttention2D) is not supported: a raster-order causal mask "
@@ -79,16 +107,13 @@ class Mesh2DBackend(Backend):
             )
         return reasons
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: AttentionProblem) -> torch.Tensor:
-        p = problem
-        if p.size == 1:
-            return span_attention(q, k, v, p.q_spans, p.kv_spans(), causal=p.causal, kv_len=p.kv_len, scale=p.scale)
-        return Mesh2DAttention.apply(q, k, v, Tile.of(p))
+    def plan(self, problem: AttentionProblem) -> Plan:
+        return span_plan(problem) if problem.size == 1 else Tile.of(problem)
 
 
 @dataclass(frozen=True)
-class Tile:
-    """What rank ``(i, j)`` exchanges and computes, derived from the problem on each call."""
+class Tile(Plan):
+    """What rank ``(i, j)`` exchanges and computes, derived from the problem once (plans are cached)."""
 
     row_group: dist.ProcessGroup
     col_group: dist.ProcessGroup
@@ -96,28 +121,45 @@ class Tile:
     key_sizes: tuple[int, ...]  # kept key rows of each rank of the column group
     own_keys: KeyBlock  # this rank's key rows below kv_len
     pieces: tuple[Piece, ...]
-    scale: float
+    own_rows: int
 
     @classmethod
     def of(cls, p: AttentionProblem) -> Tile:
-        rows, cols = check_mesh_shape(p.mesh_shape)
+        rows, cols = p.options.mesh_shape
         i, j = divmod(p.rank, cols)
         row_group, col_group = mesh_groups(p.context, (rows, cols), p.group)
         q_ranks = [i * cols + c for c in range(cols)]
-        blocks = [p.kv_block(r * cols + j) for r in range(rows)]
+        key_blocks = [p.kv_block(r * cols + j) for r in range(rows)]
         q_sizes = tuple(p.q_layout.lengths[r] for r in q_ranks)
-        key_sizes = tuple(b.size for b in blocks)
+        key_sizes = tuple(b.size for b in key_blocks)
         if p.causal:
             q_spans = tuple(s for r in q_ranks for s in p.q_layout.spans(r))
-            pieces = plan(q_spans, tuple(s for b in blocks for s in b.spans), causal=True)
+            pieces = blocks(q_spans, tuple(s for b in key_blocks for s in b.spans), causal=True)
         else:
             # Without a causal mask positions no longer matter: keys past kv_len were never gathered.
-            pieces = plan(((0, sum(q_sizes)),), ((0, sum(key_sizes)),))
-        return cls(row_group, col_group, q_sizes, key_sizes, blocks[i], tuple(pieces), p.scale)
+            pieces = blocks(((0, sum(q_sizes)),), ((0, sum(key_sizes)),))
+        return cls(p, _cost(p), row_group, col_group, q_sizes, key_sizes, key_blocks[i], tuple(pieces), q_sizes[j])
 
-    @property
-    def own_rows(self) -> int:
-        return self.q_sizes[dist.get_rank(self.row_group)]
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return Mesh2DAttention.apply(q, k, v, self)
+
+
+def _cost(p: AttentionProblem) -> Cost:
+    """The busiest rank: :func:`comm_bytes` with the largest shards; tile FLOPs of the busiest tile."""
+    rows, cols = p.options.mesh_shape
+    kept = [p.kv_block(r).size for r in range(p.size)]
+    forward, backward = comm_bytes(
+        (rows, cols), batch=p.batch, heads=p.heads, kv_heads=p.kv_heads, head_dim=p.head_dim,
+        q_rows=max(p.q_layout.lengths), kv_rows=max(kept), dtype=p.dtype,
+    )  # fmt: skip
+    e, f = torch.empty((), dtype=p.dtype).element_size(), 4
+    tile_q, tile_k = cols * max(p.q_layout.lengths), rows * max(kept)
+    return Cost(
+        flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()),
+        bytes=forward + backward,
+        memory=p.batch * p.head_dim * (tile_q * p.heads * (e + 2 * f) + tile_k * 2 * p.kv_heads * (e + f)),
+        collectives=7,
+    )
 
 
 def _gather(x: torch.Tensor, sizes: tuple[int, ...], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -161,7 +203,7 @@ class Mesh2DAttention(torch.autograd.Function):
         q_tile = _gather(q, t.q_sizes, 2, t.row_group)
         # K and V travel as one tensor: one collective each way instead of two.
         kv_tile = _gather(torch.stack([t.own_keys.take(k), t.own_keys.take(v)]), t.key_sizes, 3, t.col_group)
-        out, lse, calls = block_forward(q_tile, kv_tile[0], kv_tile[1], list(t.pieces), t.scale)
+        out, lse, calls = block_forward(q_tile, kv_tile[0], kv_tile[1], list(t.pieces), t.problem.scale)
         if len(t.q_sizes) > 1:
             out, lse = _merge_partials(out, lse, t)
         out = out.to(q.dtype)
@@ -181,7 +223,18 @@ class Mesh2DAttention(torch.autograd.Function):
         dq = torch.zeros(q_tile.shape, dtype=acc, device=q_tile.device)
         dkv = torch.zeros(kv_tile.shape, dtype=acc, device=kv_tile.device)
         backward_(
-            dout, q_tile, kv_tile[0], kv_tile[1], out, lse, list(t.pieces), ctx.calls, t.scale, dq, dkv[0], dkv[1]
+            dout,
+            q_tile,
+            kv_tile[0],
+            kv_tile[1],
+            out,
+            lse,
+            list(t.pieces),
+            ctx.calls,
+            t.problem.scale,
+            dq,
+            dkv[0],
+            dkv[1],
         )
         dq = _scatter(dq, t.q_sizes, 2, t.row_group)
         dkv = _scatter(dkv, t.key_sizes, 3, t.col_group)
@@ -207,7 +260,7 @@ def comm_bytes(
     ``kv_rows`` counts the key rows below ``kv_len`` only. These are the bytes
     :func:`mosaic.comm.count_traffic` reports for one call.
     """
-    rows, cols = check_mesh_shape(mesh_shape)
+    rows, cols = check_shape("mesh_shape", mesh_shape, 2)
     e, f = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=lse_dtype(dtype)).element_size()
     b, h, hkv, d, n, m = batch, heads, kv_heads, head_dim, q_rows, kv_rows
     forward = b * n * (cols - 1) * h * (d * e + (d + 1) * f) + b * m * (rows - 1) * 2 * hkv * d * e

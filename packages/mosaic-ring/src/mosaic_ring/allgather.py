@@ -20,14 +20,36 @@ Per rank: communication ``(P-1)/P * N' * 2 * Hkv * d`` elements each way
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
 from mosaic import blockwise
-from mosaic.backend import Backend, Capabilities
+from mosaic.backend import Backend, Capabilities, Plan
 from mosaic.comm import start_all_gather, start_reduce_scatter
+from mosaic.cost import Cost, attention_flops
 from mosaic.kernels import lse_dtype
+from mosaic.local import span_plan
+from mosaic.options import Options, check_positive_int
 from mosaic.problem import AttentionProblem, KeyBlock
+
+__all__ = ["AllGatherBackend", "AllGatherOptions", "AllGatherPlan"]
+
+
+@dataclass(frozen=True)
+class AllGatherOptions(Options):
+    """Options of ``allgather``.
+
+    Args:
+        chunks: cut the work into this many chunks of (batch x kv head) groups, so the
+            gather of chunk ``c + 1`` overlaps the kernels of chunk ``c`` (and the
+            reduce-scatter likewise in the backward). 1 on one NVLink host (measured).
+    """
+
+    chunks: int = 1
+
+    def __post_init__(self) -> None:
+        check_positive_int("chunks", self.chunks)
 
 
 class AllGatherBackend(Backend):
@@ -35,28 +57,48 @@ class AllGatherBackend(Backend):
 
     name = "allgather"
     capabilities = Capabilities()
+    Options = AllGatherOptions
 
-    def extra_reasons(self, problem: AttentionProblem) -> list[str]:
-        chunks = problem.options.get("chunks")
-        if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
-            return [f"backend option chunks={chunks!r} must be a positive int"]
-        return []
-
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: AttentionProblem) -> torch.Tensor:
+    def plan(self, problem: AttentionProblem) -> Plan:
         p = problem
         if p.size == 1:
-            return blockwise.span_attention(
-                q, k, v, p.q_spans, p.kv_spans(), causal=p.causal, kv_len=p.kv_len, scale=p.scale
-            )
-        return AllGatherAttention.apply(q, k, v, p)
+            return span_plan(p)
+        blocks = [p.kv_block(r) for r in range(p.size)]
+        sizes = tuple(b.size for b in blocks)
+        pieces = blockwise.blocks(p.q_spans, tuple(s for b in blocks for s in b.spans), causal=p.causal)
+        groups = p.batch * p.kv_heads
+        chunks = max(1, min(p.options.chunks, groups))
+        bounds = [groups * i // chunks for i in range(chunks + 1)]
+        slices = tuple(slice(a, b) for a, b in itertools.pairwise(bounds))
+        return AllGatherPlan(p, _cost(p, sizes, chunks), sizes, blocks[p.rank], tuple(pieces), slices)
 
 
-def chunk_groups(p: AttentionProblem) -> list[slice]:
-    """Slices of the ``batch * kv_heads`` groups, one per chunk (backend option ``chunks``, default 1)."""
-    groups = p.batch * p.kv_heads
-    chunks = max(1, min(p.options.get("chunks", 1), groups))
-    bounds = [groups * i // chunks for i in range(chunks + 1)]
-    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+def _cost(p: AttentionProblem, sizes: tuple[int, ...], chunks: int) -> Cost:
+    """The busiest rank: every other rank's kept keys arrive; fp32 dK/dV of its own come back P - 1 times."""
+    e = torch.empty((), dtype=p.dtype).element_size()
+    f = torch.empty((), dtype=lse_dtype(p.dtype)).element_size()
+    width = p.batch * 2 * p.kv_heads * p.head_dim
+    received = max((sum(sizes) - own) * e + own * (p.size - 1) * f for own in sizes)
+    return Cost(
+        flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()),
+        bytes=width * received,
+        hidden=(chunks - 1) / chunks,
+        memory=width * sum(sizes) * (e + f),
+        collectives=3 * chunks,
+    )
+
+
+@dataclass(frozen=True)
+class AllGatherPlan(Plan):
+    """What one rank gathers and computes: every rank's kept key rows, and the pieces over them."""
+
+    sizes: tuple[int, ...]  # kept key rows of every rank
+    mine: KeyBlock
+    pieces: tuple[blockwise.Piece, ...]
+    chunks: tuple[slice, ...]  # of the batch x kv-head groups
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return AllGatherAttention.apply(q, k, v, self)
 
 
 def _by_group(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -67,13 +109,12 @@ def _by_group(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 class AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p: AttentionProblem):
-        blocks = [p.kv_block(r) for r in range(p.size)]
-        sizes, mine = [b.size for b in blocks], blocks[p.rank]
-        pieces = blockwise.plan(p.q_spans, tuple(s for b in blocks for s in b.spans), causal=p.causal)
+    def forward(ctx, q, k, v, plan: AllGatherPlan):
+        p = plan.problem
+        sizes, mine, pieces = list(plan.sizes), plan.mine, list(plan.pieces)
         qg = _by_group(q.contiguous(), p.kv_heads)
         kg, vg = _by_group(mine.take(k), p.kv_heads), _by_group(mine.take(v), p.kv_heads)
-        chunks = chunk_groups(p)
+        chunks = plan.chunks
 
         def gather(c: slice):
             # K and V travel as one tensor: one collective per chunk.
@@ -91,27 +132,28 @@ class AllGatherAttention(torch.autograd.Function):
             gathered.append(kv)
             calls.append(call)
         ctx.save_for_backward(qg, out, lse, *gathered)
-        ctx.problem, ctx.pieces, ctx.calls, ctx.chunks, ctx.sizes = p, pieces, calls, chunks, sizes
+        ctx.plan, ctx.calls = plan, calls
         ctx.q_shape, ctx.kv_like = q.shape, (k.shape, k.dtype, v.shape, v.dtype)
         return out.view(q.shape)
 
     @staticmethod
     def backward(ctx, dout):
         qg, out, lse, *gathered = ctx.saved_tensors
-        p: AttentionProblem = ctx.problem
+        plan: AllGatherPlan = ctx.plan
+        p = plan.problem
         k_shape, k_dtype, v_shape, v_dtype = ctx.kv_like
         dout = _by_group(dout.contiguous(), p.kv_heads)
         acc = lse_dtype(qg.dtype)
         dq = torch.empty_like(qg)
-        scattered = []
-        for c, kv, calls in zip(ctx.chunks, gathered, ctx.calls, strict=True):
+        scattered, sizes = [], list(plan.sizes)
+        for c, kv, calls in zip(plan.chunks, gathered, ctx.calls, strict=True):
             dq[c], dk, dv = blockwise.backward(
-                dout[c], qg[c], kv[0], kv[1], out[c], lse[c], ctx.pieces, calls, p.scale, round_kv=False
+                dout[c], qg[c], kv[0], kv[1], out[c], lse[c], list(plan.pieces), calls, p.scale, round_kv=False
             )
             # Summed in fp32 while the next chunk computes.
-            scattered.append((start_reduce_scatter(dk, ctx.sizes, 2, p.group, acc),
-                              start_reduce_scatter(dv, ctx.sizes, 2, p.group, acc)))  # fmt: skip
-        mine = p.kv_block(p.rank)
+            scattered.append((start_reduce_scatter(dk, sizes, 2, p.group, acc),
+                              start_reduce_scatter(dv, sizes, 2, p.group, acc)))  # fmt: skip
+        mine = plan.mine
         dk = torch.cat([s.wait() for s, _ in scattered]).view(*k_shape[:2], mine.size, k_shape[3])
         dv = torch.cat([s.wait() for _, s in scattered]).view(*v_shape[:2], mine.size, v_shape[3])
         like_k, like_v = dq.new_empty(k_shape, dtype=k_dtype), dq.new_empty(v_shape, dtype=v_dtype)

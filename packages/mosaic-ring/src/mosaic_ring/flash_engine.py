@@ -26,14 +26,19 @@ import importlib
 import sys
 import types
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.util import find_spec
 
 import torch
 
-from mosaic.backend import Backend, Capabilities
+from mosaic.backend import Backend, Capabilities, Plan
 from mosaic.kernels import CUDA_MAX_BATCH_HEADS
 from mosaic.problem import AttentionProblem
+
+from .ring import ring_cost
+
+__all__ = ["RingFlashAttnBackend", "load_engine", "missing_packages"]
 
 EXTRA = "mosaic-ring[flash]"
 # (import name, distribution name) of what the engine needs.
@@ -42,6 +47,7 @@ REQUIRED = (("ring_flash_attn", "ring-flash-attn"), ("flash_attn", "flash-attn")
 _PRIVATE_PACKAGE = "_mosaic_ring_flash_attn"
 # flash-attn 2 kernels need Ampere or newer.
 _MIN_CAPABILITY = (8, 0)
+_FA2_SLOWDOWN = 1.23
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -143,8 +149,18 @@ class RingFlashAttnBackend(Backend):
             )
         return reasons
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: AttentionProblem) -> torch.Tensor:
-        p = problem
+    def plan(self, problem: AttentionProblem) -> Plan:
+        cost = ring_cost(problem)
+        # flash-attn 2's kernels ran 1.23x slower than cuDNN at head dim 24 on an H200 (docs/benchmarks.md).
+        return RingFlashPlan(problem, replace(cost, flops=cost.flops * _FA2_SLOWDOWN))
+
+
+@dataclass(frozen=True)
+class RingFlashPlan(Plan):
+    """ring-flash-attn's ring or zigzag ring over the problem's group."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = self.problem
         ring, zigzag = load_engine()
         attend = zigzag if p.causal else ring
         # flash-attn puts the batch on a CUDA grid dim: run the ring once per slice of at most 65535.

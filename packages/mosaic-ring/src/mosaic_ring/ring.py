@@ -21,13 +21,22 @@ memory ``O(N/P)``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from mosaic.backend import Backend, Capabilities
-from mosaic.blockwise import Partial, accumulate, block_grads, span_attention
+from mosaic.backend import Backend, Capabilities, Plan
+from mosaic.blockwise import Partial, Piece, accumulate, block_grads, blocks
 from mosaic.comm import rotate, rotate_back
+from mosaic.cost import Cost, attention_flops
 from mosaic.kernels import lse_dtype
-from mosaic.problem import AttentionProblem
+from mosaic.local import span_plan
+from mosaic.problem import AttentionProblem, KeyBlock
+
+__all__ = ["RingBackend", "RingPlan", "ring_cost"]
+
+# K and V travel stacked as (2, batch, kv_heads, rows, head_dim).
+_ROWS = 3
 
 
 class RingBackend(Backend):
@@ -36,67 +45,93 @@ class RingBackend(Backend):
     name = "ring"
     capabilities = Capabilities()
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: AttentionProblem) -> torch.Tensor:
+    def plan(self, problem: AttentionProblem) -> Plan:
         p = problem
         if p.size == 1:
-            return span_attention(q, k, v, p.q_spans, p.kv_spans(), causal=p.causal, kv_len=p.kv_len, scale=p.scale)
-        return RingAttention.apply(q, k, v, p)
+            return span_plan(p)
+        origins = [(p.rank - step) % p.size for step in range(p.size)]
+        blocks_held = tuple(p.kv_block(origin) for origin in origins)
+        pieces = tuple(
+            tuple(blocks(p.q_spans, b.spans, causal=p.causal)) if b.size else () for b in blocks_held
+        )  # fmt: skip
+        rows = tuple(b.size for b in blocks_held)
+        return RingPlan(p, ring_cost(p), blocks_held, pieces, rows, _busy(p, list(rows)))
 
 
-def _origins(p: AttentionProblem) -> list[int]:
-    """Owner of the block this rank holds at each step."""
-    return [(p.rank - step) % p.size for step in range(p.size)]
-
-
-def _busy(p: AttentionProblem, rows: list[int]) -> list[list[bool]]:
+def _busy(p: AttentionProblem, rows: list[int]) -> tuple[tuple[bool, ...], ...]:
     """``[g][s]``: rank ``g`` has queries and a non-empty key block at step ``s`` (places transfers).
 
     ``rows[s]``: rows of the block this rank holds at step ``s``, i.e. of rank ``rank - s``.
     """
     keys = [rows[(p.rank - r) % p.size] for r in range(p.size)]
     queries = [sum(b - a for a, b in p.q_layout.spans(r)) for r in range(p.size)]
-    return [[queries[g] > 0 and keys[(g - s) % p.size] > 0 for s in range(p.size)] for g in range(p.size)]
+    return tuple(tuple(queries[g] > 0 and keys[(g - s) % p.size] > 0 for s in range(p.size)) for g in range(p.size))
 
 
-# K and V travel stacked as (2, batch, kv_heads, rows, head_dim).
-_ROWS = 3
+def ring_cost(p: AttentionProblem) -> Cost:
+    """The busiest rank: all other ranks' kept keys arrive forward and backward, with fp32 dK/dV accumulators."""
+    e = torch.empty((), dtype=p.dtype).element_size()
+    f = torch.empty((), dtype=lse_dtype(p.dtype)).element_size()
+    kept = [p.kv_block(r).size for r in range(p.size)]
+    width = p.batch * 2 * p.kv_heads * p.head_dim
+    foreign = sum(kept) - min(kept)
+    return Cost(
+        flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()),
+        bytes=width * foreign * (2 * e + f),
+        hidden=1.0,
+        memory=2 * width * max(kept) * (e + f),
+        collectives=2 * (p.size - 1),
+    )
+
+
+@dataclass(frozen=True)
+class RingPlan(Plan):
+    """The ring schedule of one rank: the key block held at each step and its pieces."""
+
+    held: tuple[KeyBlock, ...]  # step s: the block of rank (rank - s), rows below kv_len
+    pieces: tuple[tuple[Piece, ...], ...]
+    rows: tuple[int, ...]
+    busy: tuple[tuple[bool, ...], ...]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return RingAttention.apply(q, k, v, self)
 
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p: AttentionProblem):
+    def forward(ctx, q, k, v, plan: RingPlan):
+        p = plan.problem
         q = q.contiguous()  # once here, not in every step's kernel call
-        blocks = [p.kv_block(origin) for origin in _origins(p)]
-        mine = blocks[0]
-        partial, steps = Partial(q), []
+        mine = plan.held[0]
+        partial, calls = Partial(q), []
 
         def visit(step: int, held: torch.Tensor) -> None:
-            steps.append(accumulate(q, held[0], held[1], p.q_spans, blocks[step].spans, p.causal, p.scale, partial))
+            calls.append(accumulate(q, held[0], held[1], plan.pieces[step], p.scale, partial))
 
         # The block seen last is kept: the backward starts from it without a transfer.
-        rows = [b.size for b in blocks]
-        busy = _busy(p, rows)
         held = torch.stack([mine.take(k), mine.take(v)])
-        last = rotate(p.group, held, rows, _ROWS, visit, busy)
+        last = rotate(p.group, held, list(plan.rows), _ROWS, visit, plan.busy)
         out, lse = partial.result()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, last)
-        ctx.problem, ctx.steps, ctx.busy, ctx.rows = p, steps, busy, rows
+        ctx.plan, ctx.calls = plan, calls
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, last = ctx.saved_tensors
         dout = dout.contiguous()
-        p: AttentionProblem = ctx.problem
-        mine = p.kv_block(p.rank)
+        plan: RingPlan = ctx.plan
+        p = plan.problem
+        mine = plan.held[0]
         dq = torch.zeros(q.shape, dtype=lse_dtype(q.dtype), device=q.device)
 
         def visit(step: int, held: torch.Tensor):
-            return block_grads(dout, q, held[0], held[1], out, lse, *ctx.steps[step], p.scale, dq)
+            return block_grads(dout, q, held[0], held[1], out, lse, list(plan.pieces[step]), ctx.calls[step],
+                               p.scale, dq)  # fmt: skip
 
         own = torch.stack([mine.take(k), mine.take(v)])
-        grad = rotate_back(p.group, own, ctx.rows, _ROWS, visit, dq.dtype, last, ctx.busy)
+        grad = rotate_back(p.group, own, list(plan.rows), _ROWS, visit, dq.dtype, last, plan.busy)
         dk = mine.put(grad[0].to(k.dtype), k) if mine.size else torch.zeros_like(k)
         dv = mine.put(grad[1].to(v.dtype), v) if mine.size else torch.zeros_like(v)
         return dq.to(q.dtype), dk, dv, None
