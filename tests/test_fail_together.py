@@ -413,3 +413,32 @@ def _replicas_drift(world: int) -> dict:
 
 def test_the_replica_check_catches_different_weights() -> None:
     _assert_together(run_distributed(_replicas_drift, 2, 2), "copies of the model differ", "weight")
+
+
+# -- checks="on_change" ----------------------------------------------------------------------------
+
+
+def _on_change(world: int) -> dict:
+    ctx = mosaic.init(sp_size=world, collective_timeout=TIMEOUT, checks="on_change")
+    module = _module("ring", {})
+    x = _input(ctx).requires_grad_()
+    module(x, kv_len=7).sum().backward()  # the first call agrees
+    before = ctx.guard.calls
+    for _ in range(4):
+        module(x, kv_len=7).sum().backward()
+    repeated = ctx.guard.calls - before
+    reference = mosaic.MultiAxisAttention(E, HEADS, 1, sharded=False)
+    reference.load_state_dict(module.state_dict())
+    exact = float((ctx.unshard(module(x, kv_len=7), 1) - reference(ctx.unshard(x, 1), kv_len=7)).abs().max())
+    # One rank alone changes its facts: it agrees again, the others run their cached plan.
+    changed = _outcome(lambda: module(x, kv_len=5 if ctx.sp_rank == 0 else 7))
+    return {"repeated": repeated, "exact": exact, "changed": changed}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_on_change_runs_no_host_collective_for_repeated_shapes(world: int) -> None:
+    for r in run_distributed(_on_change, world, world, timeout=600):
+        assert r["repeated"] == 0 and r["exact"] < 1e-5, r
+        kind, _, seconds = r["changed"]
+        # Bounded, and named: the guard's timeout on the rank that changed, the plan's on the others.
+        assert kind == "CollectiveTimeout" and seconds < 3 * TIMEOUT.total_seconds() + 5, r["changed"]

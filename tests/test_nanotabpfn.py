@@ -154,6 +154,26 @@ def test_sharded_step_matches_unsharded(reference, world: int, backend: str, che
             torch.testing.assert_close(grad, want_grads[name], atol=TOL, rtol=TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def chunked_inference(backend: str) -> float:
+    """Task: predictions with the row-local parts in chunks of 3 rows (row attention by column) vs all at once."""
+    ntp = _example()
+    ctx = mosaic.init(sp_size=dist.get_world_size())
+    config, spec = _prior()
+    tables = ntp.sample(config, spec, ctx.sharded_dim(ROWS, dim=1), ctx.device)
+    logits = []
+    for rows in (None, 3):
+        model = ntp.NanoTabPFN(**TINY, backend=backend, inference_rows=rows)
+        model.load_state_dict(_initial_state())
+        with torch.no_grad():
+            logits.append(ctx.unshard(model(tables.x, tables.y, tables.train_size, tables.rows), 1))
+    return float((logits[0] - logits[1]).abs().max())
+
+
+@pytest.mark.parametrize(("world", "backend"), [(1, "local"), (2, "ring"), (3, "allgather")])
+def test_chunked_inference_predicts_the_same(world: int, backend: str) -> None:
+    assert all(err < 1e-5 for err in run_distributed(chunked_inference, world, backend))
+
+
 def test_reference_is_sensitive_to_the_split(reference) -> None:
     """The comparison can fail: a step with train and test rows mixed up gives another loss."""
     ntp = _example()

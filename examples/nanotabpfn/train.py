@@ -84,6 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bench = p.add_argument_group("benchmark")
     bench.add_argument("--bench-steps", type=int, default=0, help="time N steps on one batch instead of training")
     bench.add_argument("--bench-warmup", type=int, default=2, help="untimed steps before them")
+    bench.add_argument(
+        "--bench-inference", action="store_true", help="time the forward alone under no_grad (predictions)"
+    )
+    sharding.add_argument(
+        "--inference-rows",
+        type=int,
+        default=None,
+        help="without gradients, run each block's row-local parts on this many rows at a time (memory)",
+    )
     return p.parse_args(argv)
 
 
@@ -269,7 +278,14 @@ def bench(args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, opti
     spec = StepSpec(seed=mix("bench", args.seed), features=args.features, train_size=max(2, args.rows // 2))
     tables = sample(config, spec, ctx.sharded_dim(args.rows, dim=1), ctx.device)
     result = bench_steps(
-        model, optimizer, tables, ctx, steps=args.bench_steps, warmup=args.bench_warmup, bf16=args.bf16
+        model,
+        optimizer,
+        tables,
+        ctx,
+        steps=args.bench_steps,
+        warmup=args.bench_warmup,
+        bf16=args.bf16,
+        inference=args.bench_inference,
     )
     if ctx.rank != 0:
         return
@@ -284,12 +300,14 @@ def bench(args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, opti
         "backend": args.backend,
         "bf16": args.bf16,
         "checkpoint_layers": args.checkpoint_layers,
+        "inference_rows": args.inference_rows,
         "model": model_config(args),
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         **result,
     }
-    name = f"bench_rows{args.rows}_sp{ctx.sp_size}_dp{ctx.dp_size}_{args.backend}.json"
+    mode = "infer" if args.bench_inference else ("ckpt" if args.checkpoint_layers else "train")
+    name = f"bench_{mode}_rows{args.rows}_sp{ctx.sp_size}_dp{ctx.dp_size}_{args.backend}.json"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / name).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
@@ -323,9 +341,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         # The same seed on every rank gives every rank the same initial weights.
         torch.manual_seed(args.seed)
-        model = NanoTabPFN(**model_config(args), backend=args.backend, checkpoint_layers=args.checkpoint_layers).to(
-            ctx.device
-        )
+        model = NanoTabPFN(
+            **model_config(args),
+            backend=args.backend,
+            checkpoint_layers=args.checkpoint_layers,
+            inference_rows=args.inference_rows,
+        ).to(ctx.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         if args.bench_steps:
             bench(args, ctx, model, optimizer)

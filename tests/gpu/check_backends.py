@@ -42,6 +42,11 @@ def _configs(world: int) -> list[tuple[str, dict]]:
             dict(backend="composed", mesh_shape=(2, half), backend_options={"seq_parallel": "ring"}),
         ),
     ]
+    configs += [
+        ("switch", dict(backend="switch")),
+        ("auto", dict(backend="auto")),
+        ("magi", dict(backend="magi")),
+    ]
     if world >= 4:
         pairs = [(inter, intra) for inter in ("ring", "allgather") for intra in ("ring", "allgather", "ulysses")]
         for inter, intra in pairs:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import mosaic
 
 from .model import NanoTabPFN
-from .objective import compute_gradients
+from .objective import autocast, compute_gradients, local_loss
 from .tables import Tables
 
 
@@ -44,11 +44,20 @@ def bench_steps(
     steps: int,
     warmup: int,
     bf16: bool,
+    inference: bool = False,
 ) -> dict[str, Any]:
-    """Run ``warmup`` then ``steps`` full training steps (forward, backward, gradient sums, AdamW)."""
+    """Run ``warmup`` then ``steps`` full training steps (forward, backward, gradient sums, AdamW).
+
+    With ``inference``, a step is the forward alone under ``torch.no_grad`` (the predictions
+    of every test row); the loss reported is that forward's.
+    """
     times, loss = [], torch.zeros(())
 
     def one() -> torch.Tensor:
+        if inference:
+            with torch.no_grad(), autocast(ctx.device, bf16):
+                logits = model(tables.x, tables.y, tables.train_size, tables.rows)
+            return local_loss(logits, tables)
         optimizer.zero_grad(set_to_none=True)
         out = compute_gradients(model, tables, ctx, bf16=bf16)
         optimizer.step()
@@ -57,6 +66,8 @@ def bench_steps(
     for _ in range(warmup):
         loss = one()
     _sync(ctx)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)  # the peak of the timed steps (warm-up included no more)
     for _ in range(steps):
         start = time.perf_counter()
         loss = one()
@@ -66,6 +77,7 @@ def bench_steps(
     rows = tables.rows.total * tables.batch_size * ctx.dp_size
     return {
         "step_time_s": {"mean": mean, "median": statistics.median(times), "min": min(times), "max": max(times)},
+        "mode": "inference" if inference else "training",
         "steps": steps,
         "warmup": warmup,
         "rows_per_s": rows / mean,

@@ -77,11 +77,32 @@ class TransformerEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(embedding_size, eps=layer_norm_eps)
         self.norm3 = nn.LayerNorm(embedding_size, eps=layer_norm_eps)
 
-    def forward(self, src: torch.Tensor, train_size: int) -> torch.Tensor:
-        """``(B, R, C, E)`` to the same shape."""
-        src = self.norm1(self.self_attention_between_features(src) + src)
-        src = self.norm2(self.self_attention_between_datapoints(src, kv_len=train_size) + src)
-        return self.norm3(self.linear2(F.gelu(self.linear1(src))) + src)
+    def forward(self, src: torch.Tensor, train_size: int, chunk_rows: int | None = None) -> torch.Tensor:
+        """``(B, R, C, E)`` to the same shape.
+
+        With ``chunk_rows`` and no gradients (inference), the row-local parts (feature
+        attention, norms, MLP) run on ``chunk_rows`` rows at a time, writing into ``src``,
+        and row attention one column at a time: the working memory is a chunk's, beside
+        ``src`` and one attention output.
+        """
+        if chunk_rows is None or torch.is_grad_enabled():
+            src = self.norm1(self.self_attention_between_features(src) + src)
+            src = self.norm2(self.self_attention_between_datapoints(src, kv_len=train_size) + src)
+            return self.norm3(self.linear2(F.gelu(self.linear1(src))) + src)
+        # The stream as the unchunked block keeps it (LayerNorm under autocast returns fp32).
+        src = src.to(torch.promote_types(src.dtype, self.norm1.weight.dtype))
+        for rows in src.split(chunk_rows, dim=1):
+            rows.copy_(self.norm1(self.self_attention_between_features(rows) + rows))
+        attention = self.self_attention_between_datapoints
+        attention.inference_batch = 1  # one column's rows at a time
+        try:
+            attended = attention(src, kv_len=train_size)
+        finally:
+            attention.inference_batch = None
+        for rows, new in zip(src.split(chunk_rows, dim=1), attended.split(chunk_rows, dim=1), strict=True):
+            rows.copy_(self.norm2(new + rows))
+            rows.copy_(self.norm3(self.linear2(F.gelu(self.linear1(rows))) + rows))
+        return src
 
 
 class Decoder(nn.Module):
@@ -108,6 +129,9 @@ class NanoTabPFN(nn.Module):
         backend: Mosaic strategy for row attention (``"local"`` when the rows are whole).
         checkpoint_layers: recompute each block in the backward instead of keeping its
             activations (memory for 10^6 rows, about a third more compute).
+        inference_rows: without gradients, run the row-local parts of each block on this
+            many rows at a time (and row attention a column at a time): inference on 10^6
+            rows in a few GiB. ``None``: all at once.
         layer_norm_eps: LayerNorm epsilon (nanoTabPFN's default).
     """
 
@@ -121,11 +145,13 @@ class NanoTabPFN(nn.Module):
         backend: str = "local",
         *,
         checkpoint_layers: bool = False,
+        inference_rows: int | None = None,
         layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.num_outputs = num_outputs
         self.checkpoint_layers = checkpoint_layers
+        self.inference_rows = inference_rows
         self.feature_encoder = FeatureEncoder(embedding_size)
         self.target_encoder = TargetEncoder(embedding_size)
         self.transformer_blocks = nn.ModuleList(
@@ -166,5 +192,5 @@ class NanoTabPFN(nn.Module):
             if self.checkpoint_layers and torch.is_grad_enabled():
                 src = checkpoint(block, src, train_size, use_reentrant=False)
             else:
-                src = block(src, train_size)
+                src = block(src, train_size, self.inference_rows)
         return self.decoder(src[:, :, -1])

@@ -170,3 +170,9 @@ def test_zigzag_head_groups_hold_the_zigzag_layout_of_the_seq_axis(total: int, e
     assert (got == [merge_spans(list(zigzag.spans(c))) for c in range(2)]) is exact
     # Uneven lengths shift the chunk boundaries by fewer than h = 2 rows.
     assert all(abs(a - b) < 2 for a, b in zip(inner.q_layout.lengths, zigzag.lengths, strict=True))
+
+
+def test_conformance_kit() -> None:
+    """The standard cases on (h, s) = (2, 2) over a ring."""
+    results = mosaic.testing.run_conformance("composed", world_sizes=(4,), options={"mesh_shape": (2, 2)})
+    assert results[4]

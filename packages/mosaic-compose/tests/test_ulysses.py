@@ -91,3 +91,11 @@ def test_exchange_positions_are_the_sorted_union() -> None:
     uneven = HeadExchange(None, 0, [((4, 7),), (), ((0, 2), (9, 10))])
     assert uneven.positions == ((0, 2), (4, 7), (9, 10))
     assert uneven.rows == [3, 0, 3]
+
+
+def test_conformance_kit() -> None:
+    """The standard cases it declares (heads split over the ranks: not 'fewer heads than ranks' at P = 4)."""
+    results = mosaic.testing.run_conformance("ulysses", world_sizes=(2, 4))
+    skipped = mosaic.testing.cases_for("ulysses", 4)[1]
+    assert set(skipped) == {"fewer heads than ranks", "one kv head", "grouped kv heads"}, skipped
+    assert len(results[4]) == len(mosaic.testing.STANDARD_CASES) - len(skipped)

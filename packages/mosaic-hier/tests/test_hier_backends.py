@@ -152,3 +152,10 @@ def test_inter_node_bytes(world: int, local: int) -> None:
         # Each rank's link carries at most ~1.5/L of what the flat ring's busiest rank receives across nodes.
         flat = busiest("flat ring")
         assert 3 * flat >= 2 * local * busiest(name), f"{name}: {busiest(name)} vs {flat}"
+
+
+def test_conformance_kit() -> None:
+    """The standard cases on 2 nodes of 2 ranks, ring x ring."""
+    options = {"intra_node_size": 2, "inter_node_strategy": "ring", "intra_node_strategy": "ring"}
+    results = mosaic.testing.run_conformance("hierarchical", world_sizes=(4,), options=options)
+    assert len(results[4]) == len(mosaic.testing.STANDARD_CASES)

@@ -179,3 +179,9 @@ def test_traffic_below_measured_ring_at_p4() -> None:
     for rank, per_backend in enumerate(results):
         mesh, ring = per_backend["mesh2d"], per_backend["ring"]
         assert mesh[0] < ring[0] and sum(mesh) < sum(ring), f"rank {rank}: mesh2d {mesh} vs ring {ring}"
+
+
+def test_conformance_kit() -> None:
+    """The standard cases of mosaic.testing on a 2 x 2 mesh."""
+    results = mosaic.testing.run_conformance("mesh2d", world_sizes=(4,), options={"mesh_shape": (2, 2)})
+    assert len(results[4]) == len(mosaic.testing.STANDARD_CASES)

@@ -69,3 +69,10 @@ def test_options_are_checked_when_the_module_is_built() -> None:
     module = mosaic.MultiAxisAttention(16, 4, 1)
     module.set_backend("allgather", chunks=3)
     assert module.backend_name == "allgather" and module.backend_options == {"chunks": 3}
+
+
+@pytest.mark.parametrize("backend", ["ring", "allgather"])
+def test_conformance_kit(backend: str) -> None:
+    """The standard cases of mosaic.testing, filtered by what the backend declares."""
+    results = mosaic.testing.run_conformance(backend, world_sizes=(3, 4))
+    assert all(len(cases) == len(mosaic.testing.STANDARD_CASES) for cases in results.values())

@@ -45,6 +45,16 @@ def unfold(y: torch.Tensor, batch_shape: torch.Size, dim: int) -> torch.Tensor:
     return y.reshape(*batch_shape, *y.shape[-2:]).movedim(-2, dim)
 
 
+def _product(shape: list[int]):
+    """Every index tuple of ``shape`` (one empty tuple for no dims), in row-major order."""
+    if not shape:
+        yield ()
+        return
+    for i in range(shape[0]):
+        for rest in _product(shape[1:]):
+            yield (i, *rest)
+
+
 class MultiAxisAttention(nn.Module):
     """Multi-head attention over ``attention_axis`` of a ``(..., embed_dim)`` tensor.
 
@@ -70,6 +80,10 @@ class MultiAxisAttention(nn.Module):
             recorded: a distributed backend over a dim that is not declared sharded, or
             ``local`` over one that is, raises on every rank instead of computing the
             wrong thing. ``True``/``False`` declares it for this module alone.
+        inference_batch: without gradients (``torch.no_grad``, inference mode), project and
+            attend at most this many entries of the folded batch' at a time, so the working
+            memory is that of a chunk, not of q, k and v for the whole tensor. The chunks follow
+            the folded dims (the same on every rank), so every rank runs the same calls.
 
     With ``num_kv_heads`` unset, the parameters are those of ``nn.MultiheadAttention``
     (``in_proj_weight``, ``in_proj_bias``, ``out_proj.*``), so its checkpoints load.
@@ -89,6 +103,7 @@ class MultiAxisAttention(nn.Module):
         layout: LayoutKind = "contiguous",
         backend_options: Mapping[str, Any] | None = None,
         sharded: bool | None = None,
+        inference_batch: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -109,6 +124,9 @@ class MultiAxisAttention(nn.Module):
         self.dropout = dropout
         self.layout = layout
         self.sharded = sharded
+        if inference_batch is not None and (isinstance(inference_batch, bool) or inference_batch < 1):
+            raise ValueError(f"inference_batch must be a positive int, got {inference_batch!r}")
+        self.inference_batch = inference_batch
         options = dict(backend_options or {})
         if mesh_shape is not None:
             options["mesh_shape"] = tuple(mesh_shape)
@@ -243,6 +261,15 @@ class MultiAxisAttention(nn.Module):
                 f"{name} shape {tuple(source.shape)} must equal x shape {tuple(x.shape)} except along dim {dim}"
             )
 
+    def check_inputs(self, x: torch.Tensor, kv: torch.Tensor | None = None, value: torch.Tensor | None = None) -> int:
+        """Check the inputs of a call (dims, embed size, dtype, shapes); the attention dim of ``x``."""
+        dim = self.attention_dim(x)
+        self.check_dtype(x)
+        for name, source in (("kv", kv), ("value", value)):
+            if source is not None:
+                self._check_source(x, source, dim, name)
+        return dim
+
     # -- the three steps -----------------------------------------------------------------------
 
     def project(
@@ -254,11 +281,7 @@ class MultiAxisAttention(nn.Module):
         ``nn.MultiheadAttention`` allows. Checks the inputs; ``batch'`` folds every dim of
         ``x`` but the attention dim and embed, in order.
         """
-        dim = self.attention_dim(x)
-        self.check_dtype(x)
-        for name, source in (("kv", kv), ("value", value)):
-            if source is not None:
-                self._check_source(x, source, dim, name)
+        dim = self.check_inputs(x, kv, value)
         xq = fold(x, dim)[0]
         xk = None if kv is None else fold(kv, dim)[0]
         xv = None if value is None else fold(value, dim)[0]
@@ -335,17 +358,44 @@ class MultiAxisAttention(nn.Module):
                     "self-attention, or use mosaic.MultiheadAttention for nn.MultiheadAttention's call convention"
                 )
             kv_len = kv_len_int(kv_len)
-            q, k, v = self.project(x, kv)
             dim = self.attention_axis % x.dim()
             batch_shape = tuple(fold(x, dim)[1])
+            chunked = self.inference_batch is not None and not torch.is_grad_enabled()
+            if chunked and math.prod(batch_shape) > self.inference_batch:
+                self.check_inputs(x, kv)
+            else:
+                chunked = False
+                q, k, v = self.project(x, kv)
         except (TypeError, ValueError) as exc:
             if not self.backend.capabilities.distributed:
                 raise
             # Every rank of the sp group must learn of it: they are waiting at this call's guard.
             attend(None, None, None, self._call(None, causal, None, ()), error=exc)
             raise AssertionError("unreachable: the guard raises") from exc
+        if chunked:
+            return self._chunked(x, kv, dim, kv_len, causal)
         out = attend(q, k, v, self._call(kv_len, causal, dim, batch_shape))
         return self.output(out, x)
+
+    def _chunked(self, x, kv, dim: int, kv_len: int | None, causal: bool) -> torch.Tensor:
+        """The forward in chunks of the last folded dim (the others looped): bounded working memory."""
+        moved = x.movedim(dim, -2)
+        source = None if kv is None else kv.movedim(dim, -2)
+        *lead, last = moved.shape[:-2]
+        step = max(1, self.inference_batch // max(1, math.prod(lead)))
+        result = None
+        for index in _product(lead):
+            for start in range(0, last, step):
+                part = (*index, slice(start, start + step))
+                xq = moved[part]
+                q, k, v = self._project(xq, None if source is None else source[part])
+                out = attend(q, k, v, self._call(kv_len, causal, dim, (xq.shape[0],)))
+                b, _, length, _ = out.shape
+                y = self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+                if result is None:
+                    result = y.new_empty((*moved.shape[:-1], self.embed_dim))
+                result[part] = y
+        return result.movedim(-2, dim)
 
     def _call(self, kv_len: int | None, causal: bool, dim: int | None, batch_shape: tuple[int, ...]) -> Call:
         return Call(

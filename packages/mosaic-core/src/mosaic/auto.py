@@ -90,19 +90,19 @@ class Explanation:
             f"attention of batch' {p.batch}, {p.heads} heads ({p.kv_heads} kv), head dim {p.head_dim}, "
             f"{p.q_layout.total} queries x {p.kv_layout.total} keys over {p.size} ranks"
             f"{f', kv_len {p.kv_len}' if p.kv_len is not None else ''}{', causal' if p.causal else ''}, {p.dtype}",
-            f"{'backend':<16}{'options':<44}{'estimate':>12}{'GiB/rank':>10}{'MiB recv':>10}",
+            f"{'backend':<16}{'options':<62}{'estimate':>12}{'GiB/rank':>10}{'MiB recv':>10}",
         ]
         for c in self.candidates:
             opts = "" if c.options is None else str(c.options)
             if c.accepted:
                 mark = "  <- chosen" if c is self.chosen else ""
                 lines.append(
-                    f"{c.backend:<16}{opts[:43]:<44}{c.seconds * 1e3:>10.3f}ms{c.cost.memory / 2**30:>10.3f}"
+                    f"{c.backend:<16}{opts[:61]:<62}{c.seconds * 1e3:>10.3f}ms{c.cost.memory / 2**30:>10.3f}"
                     f"{c.cost.bytes / 2**20:>10.1f}{mark}"
                 )
         for c in self.candidates:
             if not c.accepted:
-                lines.append(f"{c.backend:<16}{((c.options and str(c.options)) or '')[:43]:<44}  rejected:")
+                lines.append(f"{c.backend:<16}{((c.options and str(c.options)) or '')[:61]:<62}  rejected:")
                 lines += [f"{'':<18}- {r}" for r in c.reasons]
         return "\n".join(lines)
 
@@ -148,6 +148,13 @@ def _candidate(backend: Backend, problem: AttentionProblem, machine: Machine, pl
     return Candidate(backend.name, problem.options, machine.seconds(plan.cost), plan.cost, plan=plan)
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} bytes"
+
+
 class AutoBackend(Backend):
     """The cheapest installed strategy for each problem, by its plan's cost (``mosaic.explain`` shows why)."""
 
@@ -179,17 +186,19 @@ def explain(module: torch.nn.Module, x: torch.Tensor, kv: torch.Tensor | None = 
     """The ranking ``backend="auto"`` makes for ``module(x, kv, **forward_kwargs)``; prints it on rank 0.
 
     Collective over the sp group like the call itself. Works for any module's
-    settings (whatever its backend): it describes the problem the call would pose.
+    settings (whatever its backend): it describes the problem the call would pose,
+    with the module's ``auto`` options when its backend is ``auto``.
     """
     from .context import get_context, is_initialized
     from .functional import agreed_problem
 
     q, k, _ = module.project(x, kv)
     call = module._call(forward_kwargs.get("kv_len"), forward_kwargs.get("causal", False), None, (q.shape[0],))
-    call = dataclasses.replace(call, backend=get_backend("auto"), options=AutoOptions(), declared=-1)
+    options = module.options if isinstance(module.options, AutoOptions) else AutoOptions()
+    call = dataclasses.replace(call, backend=get_backend("auto"), options=options, declared=-1)
     ctx = get_context() if is_initialized() else None
     problem = agreed_problem(q, k, call, ctx)
-    explanation = rank(problem)
+    explanation = rank(problem, options)
     if ctx is None or ctx.rank == 0:
         print(explanation)
     return explanation

@@ -309,9 +309,13 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of blocks; dq in q's dtype, dk/dv in k's and v's or, with ``round_kv=False``,
     unrounded (fp32 when they were summed over blocks or grouped heads) for a caller that sums them further."""
-    if _whole(pieces, q, k):
+    if len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]):
+        # One kernel call (keys maybe cut to kv_len): its gradients, with no fp32 accumulators.
         p = pieces[0]
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, calls[0], causal=p.causal, scale=scale)
+        dq, dk, dv = attention_backward(
+            dout, q, k[:, :, p.k], v[:, :, p.k], out, lse, calls[0], causal=p.causal, scale=scale
+        )
+        dk, dv = _placed(dk, k, p.k), _placed(dv, v, p.k)
     else:
         dq = torch.zeros(q.shape, dtype=lse_dtype(q.dtype), device=q.device)
         grads = block_grads(dout, q, k, v, out, lse, pieces, calls, scale, dq)
@@ -321,12 +325,22 @@ def backward(
     return dq.to(q.dtype), dk, dv
 
 
+def _placed(grad: torch.Tensor, like: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``grad`` of key rows ``rows`` as the gradient of all of ``like``'s rows (zeros elsewhere)."""
+    if rows == slice(0, like.shape[2]):
+        return grad
+    full = grad.new_zeros((*like.shape[:2], like.shape[2], grad.shape[3]))
+    full[:, :, rows] = grad
+    return full
+
+
 class SpanAttention(torch.autograd.Function):
     """Differentiable attention over blocks (used by strategies whose keys are all local)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pieces: list[Piece], scale: float):
-        q = q.contiguous()  # projections hand over strided views; kernels want rows contiguous
+        # q, k, v are saved as they come (views of one projection, usually): a contiguous copy
+        # of q would be saved beside the projection that holds it already.
         out, lse, calls = forward(q, k, v, pieces, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)

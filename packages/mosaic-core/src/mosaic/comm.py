@@ -24,6 +24,23 @@ import torch.distributed as dist
 
 from ._compat import all_gather_single, reduce_scatter_single
 
+__all__ = [
+    "Pace",
+    "Pending",
+    "RingComm",
+    "TrafficMeter",
+    "all_gather_uneven",
+    "all_reduce_sum",
+    "all_to_all_uneven",
+    "count_traffic",
+    "reduce_scatter_uneven",
+    "resized",
+    "rotate",
+    "rotate_back",
+    "start_all_gather",
+    "start_reduce_scatter",
+]
+
 
 class TrafficMeter:
     """Bytes that reached this rank through Mosaic's collectives, by group and by sender (global ranks)."""
@@ -158,30 +175,6 @@ def reduce_scatter_uneven(
     """Sum ``x`` over ranks (in ``dtype``, default ``x``'s) and give rank ``r`` rows
     ``[sum(sizes[:r]), sum(sizes[:r+1]))`` along ``dim``."""
     return start_reduce_scatter(x, sizes, dim, group, dtype).wait()
-
-
-class GatherAlong(torch.autograd.Function):
-    """All-gather along a dim; the backward reduce-scatters the gradient to the owners.
-
-    The gradient is summed in fp32 (fp64 stays fp64): P low-precision partial
-    sums would otherwise add an error that grows with the group size.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup):
-        ctx.sizes, ctx.dim, ctx.group = sizes, dim, group
-        return all_gather_uneven(x, sizes, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        wide = torch.promote_types(grad.dtype, torch.float32)
-        summed = reduce_scatter_uneven(grad, ctx.sizes, ctx.dim, ctx.group, wide)
-        return summed.to(grad.dtype), None, None, None
-
-
-def gather_along(x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """Differentiable :func:`all_gather_uneven`."""
-    return GatherAlong.apply(x, sizes, dim, group)
 
 
 class AllReduceSum(torch.autograd.Function):

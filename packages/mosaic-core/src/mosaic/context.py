@@ -16,7 +16,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,8 @@ DEFAULT_TIMEOUT = timedelta(minutes=5)
 # Ranks arrive at a collective within a step's imbalance of each other: one that has not arrived
 # after a minute is not coming.
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(seconds=60)
+CHECKS = ("every_call", "on_change")
+Checks = Literal["every_call", "on_change"]
 
 _context: Context | None = None
 
@@ -93,6 +95,7 @@ class Context:
     mesh: DeviceMesh | None
     timeout: timedelta
     collective_timeout: timedelta = DEFAULT_COLLECTIVE_TIMEOUT
+    checks: Checks = "every_call"
     guard: Guard = field(repr=False, default=None)  # type: ignore[assignment]
     world_guard: Guard = field(repr=False, default=None)  # type: ignore[assignment]
     sharded_dims: dict[int, str] = field(default_factory=dict)
@@ -100,6 +103,7 @@ class Context:
     owns_process_group: bool = field(repr=False, default=False)
     created_groups: list = field(repr=False, default_factory=list)
     plans: OrderedDict = field(repr=False, default_factory=OrderedDict)
+    agreed: dict = field(repr=False, default_factory=dict)  # checks="on_change": last agreed problem per call
     _grids: dict = field(repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -305,6 +309,7 @@ def init(
     device: torch.device | str | None = None,
     timeout: timedelta = DEFAULT_TIMEOUT,
     collective_timeout: timedelta = DEFAULT_COLLECTIVE_TIMEOUT,
+    checks: Checks = "every_call",
 ) -> Context:
     """Set up Mosaic's process groups and return the :class:`Context`.
 
@@ -325,6 +330,13 @@ def init(
             transfers, ``reduce_gradients`` — before every waiting rank raises an error that
             names the call. Well under ``timeout``: a rank that skipped a call or a backward,
             or raised and went on, is reported in a minute, not after the process-group timeout.
+        checks: ``"every_call"`` (default): every sharded call and its backward start with
+            the guard's host collective, so any disagreement or skipped call raises the same
+            error on every rank at once. ``"on_change"``: the guard runs only when a call's
+            local facts differ from the last agreed ones (and not in backward), so repeated
+            shapes run no host collective at all; a disagreement that starts on some ranks
+            only, or a skipped call, then ends with a :class:`~mosaic.errors.CollectiveTimeout`
+            after ``collective_timeout`` instead of an immediate error.
 
     Every rank must pass the same arguments: they are compared across the world
     first, and a mismatch raises the same error on every rank. Without
@@ -335,6 +347,8 @@ def init(
     global _context
     if _context is not None:
         raise RuntimeError("Mosaic is already initialised; call mosaic.shutdown() before init() again")
+    if checks not in CHECKS:
+        raise ValueError(f"checks must be one of {CHECKS}, got {checks!r}")
     if mesh is not None and sp_group is not None:
         raise ValueError("pass either mesh or sp_group, not both")
     if sp_size is not None and (isinstance(sp_size, bool) or not isinstance(sp_size, int)):
@@ -347,7 +361,7 @@ def init(
                 f"sp_size={sp_size} needs {sp_size} processes, but this is a one-process world; "
                 f"launch with torchrun --nproc_per_node={sp_size}"
             )
-        _context = Context(device, 0, 1, 0, 1, None, 0, 1, None, None, timeout, collective_timeout)
+        _context = Context(device, 0, 1, 0, 1, None, 0, 1, None, None, timeout, collective_timeout, checks)
         return _context
     owns = False
     if not dist.is_initialized():
@@ -357,9 +371,9 @@ def init(
         owns = True
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        _agree_on_arguments(sp_size, mesh, sp_group, device, collective_timeout)
+        _agree_on_arguments(sp_size, mesh, sp_group, device, collective_timeout, checks)
         rows = _sp_rows(world, sp_size, mesh, sp_group, device)
-        ctx = _build(device, rank, world, rows, timeout, collective_timeout, owns)
+        ctx = _build(device, rank, world, rows, timeout, collective_timeout, checks, owns)
     except BaseException:
         if owns:
             dist.destroy_process_group()
@@ -368,17 +382,19 @@ def init(
     return ctx
 
 
-def _agree_on_arguments(sp_size, mesh, sp_group, device: torch.device, collective_timeout: timedelta) -> None:
+def _agree_on_arguments(
+    sp_size, mesh, sp_group, device: torch.device, collective_timeout: timedelta, checks: str
+) -> None:
     """Compare ``init``'s arguments over the world before any group exists; the same error everywhere."""
     mode = 0 if mesh is None and sp_group is None else (1 if mesh is not None else 2)
     shape = 0 if mesh is None else site_id(repr((mesh.mesh.tolist(), mesh.mesh_dim_names)))
     mine = [-1 if sp_size is None else sp_size, mode, shape, ("cpu", "cuda").index(device.type),
-            int(collective_timeout.total_seconds() * 1000)]  # fmt: skip
+            int(collective_timeout.total_seconds() * 1000), CHECKS.index(checks)]  # fmt: skip
     where = device if dist.get_backend() == "nccl" else torch.device("cpu")
     every = torch.empty(dist.get_world_size() * len(mine), dtype=torch.int64, device=where)
     all_gather_single(every, torch.tensor(mine, dtype=torch.int64, device=where))
     table = every.view(-1, len(mine)).cpu().tolist()
-    names = ("sp_size", "mesh or sp_group given", "mesh", "device type", "collective_timeout (ms)")
+    names = ("sp_size", "mesh or sp_group given", "mesh", "device type", "collective_timeout (ms)", "checks")
     for column, name in enumerate(names):
         values = [row[column] for row in table]
         if len(set(values)) != 1:
@@ -443,7 +459,7 @@ def _sp_rows(world: int, sp_size: int | None, mesh: DeviceMesh | None, sp_group,
     return rows
 
 
-def _build(device, rank, world, rows: torch.Tensor, timeout, collective_timeout, owns) -> Context:
+def _build(device, rank, world, rows: torch.Tensor, timeout, collective_timeout, checks, owns) -> Context:
     created: list = []
     sp_group = _groups_along(rows, 1, rank, collective_timeout, device, created)
     dp_group = _groups_along(rows, 0, rank, collective_timeout, device, created)
@@ -468,6 +484,7 @@ def _build(device, rank, world, rows: torch.Tensor, timeout, collective_timeout,
         mesh=mesh,
         timeout=timeout,
         collective_timeout=collective_timeout,
+        checks=checks,
         guard=Guard(meta, sp_rank, sp_size, collective_timeout),
         world_guard=Guard(everyone, rank, world, collective_timeout, "world"),
         rank_grid=rows,

@@ -36,8 +36,9 @@ class Cost:
     Args:
         flops: attention kernel FLOPs this rank computes.
         bytes: bytes that reach this rank through collectives.
-        hidden: fraction of the compute time that transfers can run under (0: every byte
-            is waited for, as a gather before the kernels; about 1: a double-buffered ring).
+        hidden: the fraction of those bytes whose transfer the schedule can run under
+            compute (0: every byte is waited for, as a gather before the kernels;
+            1: a double-buffered ring, whose steps overlap).
         memory: bytes held beyond this rank's own q, k, v and output (gathered K/V, tiles).
         collectives: collective launches, a latency term.
     """
@@ -49,16 +50,11 @@ class Cost:
     collectives: int = 0
 
     def __add__(self, other: Cost) -> Cost:
-        """Two steps run one after the other (compositions): the hidden fraction is weighted by compute."""
-        flops = self.flops + other.flops
-        hidden = (self.hidden * self.flops + other.hidden * other.flops) / flops if flops else 0.0
-        return Cost(
-            flops,
-            self.bytes + other.bytes,
-            hidden,
-            max(self.memory, other.memory),
-            self.collectives + other.collectives,
-        )
+        """Two steps one after the other (a composition's exchange and its inner strategy)."""
+        total = self.bytes + other.bytes
+        hidden = (self.hidden * self.bytes + other.hidden * other.bytes) / total if total else 0.0
+        memory, collectives = max(self.memory, other.memory), self.collectives + other.collectives
+        return Cost(self.flops + other.flops, total, hidden, memory, collectives)
 
 
 @dataclass(frozen=True)
@@ -71,10 +67,11 @@ class Machine:
     memory_budget: float = float("inf")
 
     def seconds(self, cost: Cost) -> float:
-        """Compute, plus the transfer time the schedule cannot hide under it, plus launch latency."""
+        """Compute, plus the transfers the schedule cannot hide under it, plus launch latency."""
         compute = cost.flops / self.flops_per_s
-        transfer = cost.bytes / self.bytes_per_s
-        return compute + max(0.0, transfer - cost.hidden * compute) + cost.collectives * self.latency_s
+        exposed = cost.bytes * (1 - cost.hidden) / self.bytes_per_s
+        hideable = cost.bytes * cost.hidden / self.bytes_per_s
+        return compute + exposed + max(0.0, hideable - compute) + cost.collectives * self.latency_s
 
     def fits(self, cost: Cost) -> bool:
         return cost.memory <= self.memory_budget

@@ -175,11 +175,18 @@ def attend(
         if torch.compiler.is_compiling() and call.backend.name == "local":
             return _traced_local(q, k, v, call)
         return plan_for(call.backend, agreed_problem(q, k, call, None))(q, k, v)
-    ctx = context or get_context()
+    return _distributed(q, k, v, call, context or get_context(), error, extra_facts, layouts)
+
+
+@torch.compiler.disable
+def _distributed(q, k, v, call: Call, ctx: Context, error, extra_facts, layouts) -> torch.Tensor:
+    # The guard, the plan and the collectives run eagerly, in the same order on every rank:
+    # under torch.compile a sharded call is one graph break.
     problem = agreed_problem(q, k, call, ctx, error=error, extra_facts=extra_facts, layouts=layouts)
     plan = plan_for(call.backend, problem, ctx)
     if ctx.guard.size > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _Guarded.apply(plan, ctx.guard, call.what, q, k, v)
+        guard = ctx.guard if ctx.checks == "every_call" else None
+        return _Guarded.apply(plan, guard, call.what, q, k, v)
     return _execute(plan, q, k, v, call.what)
 
 
@@ -209,6 +216,9 @@ def agreed_problem(
             raise error
         q_layout, kv_layout = SeqLayout((q.shape[2],)), SeqLayout((k.shape[2],))
         return _problem(q, k, call, q_layout, kv_layout, 0, None)
+    remembered = (call.what, tuple(facts))
+    if context.checks == "on_change" and error is None and remembered in context.agreed:
+        return context.agreed[remembered]
     rows = context.guard.agree(FORWARD, call.what, facts, error, site=site_id(call.what))
     for column in range(_PER_RANK, len(_FACTS)):
         values = [r[column] for r in rows]
@@ -222,7 +232,10 @@ def agreed_problem(
     else:
         q_layout = SeqLayout(tuple(r[0] for r in rows), call.layout)
         kv_layout = SeqLayout(tuple(r[1] for r in rows), call.layout)
-    return _problem(q, k, call, q_layout, kv_layout, context.guard.rank, context)
+    problem = _problem(q, k, call, q_layout, kv_layout, context.guard.rank, context)
+    if context.checks == "on_change":
+        context.agreed[remembered] = problem
+    return problem
 
 
 def _problem(q, k, call: Call, q_layout: SeqLayout, kv_layout: SeqLayout, rank: int, ctx) -> AttentionProblem:
@@ -342,9 +355,7 @@ def plan_for(backend: Backend, problem: AttentionProblem, context: Context | Non
     return plan
 
 
-@torch.compiler.disable
 def _execute(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str) -> torch.Tensor:
-    # Collectives run eagerly and in the same order on every rank: one graph break under torch.compile.
     try:
         return plan(q, k, v)
     except RuntimeError as exc:
@@ -389,7 +400,7 @@ class _Guarded(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: Plan, guard: Guard, what: str, q, k, v):
+    def forward(ctx, plan: Plan, guard: Guard | None, what: str, q, k, v):
         inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
         with torch.enable_grad():
             out = _execute(plan, *inputs, what)
@@ -398,7 +409,8 @@ class _Guarded(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.guard.agree(BACKWARD, ctx.what)
+        if ctx.guard is not None:  # None under checks="on_change"
+            ctx.guard.agree(BACKWARD, ctx.what)
         inputs, out = ctx.inputs, ctx.out
         ctx.inputs = ctx.out = None  # the inner graph goes with this backward
         wanted = [t for t in inputs if t.requires_grad]

@@ -131,9 +131,11 @@ def cases_for(
     return kept, skipped
 
 
-def _run_cases(backend: str, world_size: int, options: Mapping[str, Any] | None, cases: list[Case], dtype):
+def _run_cases(backend: str, world_size: int, options, cases: list[Case], dtype, setup: Callable[[], None] | None):
     import mosaic
 
+    if setup is not None:
+        setup()
     mosaic.init(sp_size=world_size)
     results = {}
     for case in cases:
@@ -155,13 +157,15 @@ def run_conformance(
     tolerance: float = 1e-5,
     dtype: torch.dtype = torch.float32,
     timeout: float = 300.0,
+    setup: Callable[[], None] | None = None,
 ) -> dict[int, dict[str, dict[str, float]]]:
     """Check ``backend`` on every case it declares it runs, at each world size; raise listing failures.
 
     Returns ``{world_size: {case name: errors}}`` (errors as
     :func:`~mosaic.testing.compare_with_local` reports them). A case whose error
     exceeds ``tolerance`` anywhere fails; so does a world size at which the
-    backend declares no case at all.
+    backend declares no case at all. ``setup`` (a module-level function) runs on
+    every rank first, e.g. to register a backend that no entry point provides.
     """
     found: dict[int, dict[str, dict[str, float]]] = {}
     failures = []
@@ -170,7 +174,7 @@ def run_conformance(
         if not kept:
             failures.append(f"P={world}: the backend declares none of the {len(cases)} cases")
             continue
-        results = run_distributed(_run_cases, world, backend, world, options, kept, dtype, timeout=timeout)
+        results = run_distributed(_run_cases, world, backend, world, options, kept, dtype, setup, timeout=timeout)
         # Every rank holds the same errors (they are computed from gathered tensors); keep rank 0's.
         found[world] = results[0]
         for name, errors in results[0].items():

@@ -1,0 +1,127 @@
+"""One GPU: nanoTabPFN's two attentions at 150,000 rows, Mosaic against nn.MultiheadAttention, side by side.
+
+- Row attention (dim 1; every row attends to the first half, the training rows):
+  ``mosaic.MultiAxisAttention`` with ``kv_len`` against ``nn.MultiheadAttention``'s
+  two calls (train to train, test to train) on the same tensor; forward+backward
+  time and the peak memory above the inputs.
+- Feature attention (dim 2, 11 features, batch' = 150,000): the layer forward+backward
+  with Mosaic's kernel choice against the same layer forced onto cuDNN.
+
+bf16 autocast, fp32 inputs (a LayerNorm's output), as in the model. Prints a
+table and writes JSON.
+
+    python benchmarks/bench_memory.py --out memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn as nn
+from _timing import gpu_name
+
+import mosaic
+
+
+def _measure(step, reps: int) -> tuple[float, float]:
+    """``(median ms, peak GiB above what was allocated before)`` of ``step()`` (forward + backward)."""
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return sorted(times)[len(times) // 2], peak
+
+
+def _rows_mosaic(x, grad, n_train):
+    attn = mosaic.MultiAxisAttention(x.shape[-1], 4, 1).cuda()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = attn(x, kv_len=n_train)
+        y.backward(grad)
+
+    return step
+
+
+def _rows_mha(x, grad, n_train):
+    mha = nn.MultiheadAttention(x.shape[-1], 4, batch_first=True).cuda()
+    b, r, c, e = x.shape
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            src = x.transpose(1, 2).reshape(b * c, r, e)
+            train = src[:, :n_train]
+            left = mha(train, train, train, need_weights=False)[0]
+            right = mha(src[:, n_train:], train, train, need_weights=False)[0]
+            y = torch.cat([left, right], dim=1).reshape(b, c, r, e).transpose(1, 2)
+        y.backward(grad)
+
+    return step
+
+
+def _features(x, grad, kernel: str | None):
+    attn = mosaic.MultiAxisAttention(x.shape[-1], 4, 2).cuda()
+
+    def step():
+        if kernel:
+            os.environ["MOSAIC_KERNEL"] = kernel
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = attn(x)
+            y.backward(grad)
+        finally:
+            os.environ.pop("MOSAIC_KERNEL", None)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=150_000)
+    parser.add_argument("--columns", type=int, default=11)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    mosaic.init()
+    torch.manual_seed(0)
+    shape = (1, args.rows, args.columns, 96)
+    x = torch.randn(shape, device="cuda", requires_grad=True)
+    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    n_train = args.rows // 2
+    rows = {}
+    for name, step in (
+        ("row attention, mosaic", _rows_mosaic(x, grad, n_train)),
+        ("row attention, nn.MultiheadAttention", _rows_mha(x, grad, n_train)),
+        ("feature attention, mosaic", _features(x, grad, None)),
+        ("feature attention, mosaic on cuDNN", _features(x, grad, "cudnn")),
+    ):
+        ms, gib = _measure(step, args.reps)
+        rows[name] = {"ms": ms, "peak_gib": gib}
+        x.grad = None
+    mosaic.shutdown()
+    print(f"{gpu_name()}, torch {torch.__version__}, shape {shape}, kv_len {n_train}, bf16 autocast, fwd+bwd")
+    print(f"{'':<40}{'ms':>10}{'peak GiB':>10}")
+    for name, r in rows.items():
+        print(f"{name:<40}{r['ms']:>10.1f}{r['peak_gib']:>10.2f}")
+    mem = rows["row attention, mosaic"]["peak_gib"] / rows["row attention, nn.MultiheadAttention"]["peak_gib"]
+    speed = rows["feature attention, mosaic on cuDNN"]["ms"] / rows["feature attention, mosaic"]["ms"]
+    print(f"row attention peak: {mem:.3f}x nn.MultiheadAttention's; feature attention {speed:.2f}x faster than cuDNN")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": gpu_name(), "torch": torch.__version__, "shape": shape, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
