@@ -83,6 +83,9 @@ def tests(session: nox.Session) -> None:
     # The top-level tests run the example's train.py (tqdm, matplotlib, scikit-learn), and checkpoints of
     # several processes need numpy: the example's requirements name all of them.
     session.install("-r", "examples/nanotabpfn/requirements.txt")
+    # tests/integrations shards real models imported from their packages; TORCH again in the same
+    # resolve, so that neither package moves torch off the CPU build.
+    session.install(TORCH, "tabpfn==9.2.0", "tabicl==2.2.0")
     paths = [str(p.tests) for p in PACKAGES if p.tests.exists()] + ["tests"]
     session.run("pytest", *paths, *session.posargs)
 

@@ -93,10 +93,10 @@ def main() -> None:
             "predicted_max_rows": _fit(points, 0.95 * total),
         }
         print(f"{mode}: largest run {found[mode]['largest_run']}, predicted max {found[mode]['predicted_max_rows']}")
+        if args.out:  # after every mode, so a run stopped by a time limit keeps what it measured
+            result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "total_gib": total}
+            Path(args.out).write_text(json.dumps({**result, "modes": found}, indent=1) + "\n")
     mosaic.shutdown()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "total_gib": total, "modes": found}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

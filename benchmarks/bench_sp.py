@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -38,7 +37,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mosaic
 from mosaic.comm import count_traffic
-from mosaic.problem import build_problem
 
 NODE_SIZE = 2
 
@@ -79,6 +77,9 @@ def _strategies(world: int) -> dict[str, dict]:
             for inter, intra in (("ring", "ring"), ("ring", "allgather"), ("allgather", "ring"))
         },
         "ring_flash_attn": {"backend": "ring_flash_attn"},
+        "switch": {"backend": "switch"},
+        "magi": {"backend": "magi"},
+        "auto": {"backend": "auto"},
         # allgather with a fixed number of overlapped chunks (run on request: --strategies allgather_c2 ...)
         **{f"allgather_c{n}": {"backend": "allgather", "options": {"chunks": n}} for n in (1, 2, 4, 8)},
     }
@@ -126,29 +127,35 @@ def _mosaic(ctx, shape: Shape, config: dict, reps: int) -> tuple[float, int, int
     """(ms, bytes received per rank for one fwd+bwd, of them from other nodes, peak GiB) of one strategy.
 
     Nodes are runs of ``NODE_SIZE`` GPUs: on one host they are simulated, as mosaic-hier's tests do.
+    A call is ``mosaic.attention`` as a model makes it: the guard's agreement, the cached plan, the run.
     """
-    backend = mosaic.get_backend(config["backend"])
     local = ctx.shard(torch.empty(shape.length, device="meta"), 0).shape[0]
     q, k, v = _tensors(shape.batch, shape.heads, local, shape.head_dim, seed=1 + ctx.rank)
-    problem = build_problem(
-        q, k, context=ctx, layout="contiguous", kv_len=shape.kv_len, causal=False,
-        scale=1 / math.sqrt(shape.head_dim), mesh_shape=config.get("mesh_shape"), options=config.get("options"),
-    )  # fmt: skip
-    backend.check(problem)
+    options = dict(config.get("options") or {})
+    if "mesh_shape" in config:
+        options["mesh_shape"] = config["mesh_shape"]
 
     def attn(q, k, v):
-        # Agreeing on shapes is part of every call a model makes, so it is timed too.
-        p = build_problem(
-            q, k, context=ctx, layout="contiguous", kv_len=shape.kv_len, causal=False, scale=problem.scale,
-            mesh_shape=problem.mesh_shape, options=problem.options,
-        )  # fmt: skip
-        return backend.attention(q, k, v, p)
+        return mosaic.attention(q, k, v, backend=config["backend"], options=options, kv_len=shape.kv_len)
 
     torch.cuda.reset_peak_memory_stats()
     with count_traffic() as meter:
         fwd_bwd_ms(attn, q, k, v, warmup=0, repeats=1)
     ms = fwd_bwd_ms(attn, q, k, v, sync=_barrier, warmup=1, repeats=reps)
     return ms, meter.total, meter.from_outside(NODE_SIZE, ctx.rank), torch.cuda.max_memory_allocated() / 2**30
+
+
+def _auto_pick(ctx, shape: Shape) -> str:
+    """The variant ``backend="auto"`` runs for this shape (from its ranking)."""
+    from mosaic.auto import rank
+    from mosaic.functional import Call, agreed_problem
+
+    local = ctx.shard(torch.empty(shape.length, device="meta"), 0).shape[0]
+    q = torch.empty(shape.batch, shape.heads, local, shape.head_dim, device="cuda", dtype=torch.bfloat16)
+    auto = mosaic.get_backend("auto")
+    problem = agreed_problem(q, q, Call(auto, auto.parse_options({}), shape.kv_len, what="bench auto"), ctx)
+    chosen = rank(problem).chosen
+    return f"{chosen.backend} ({chosen.options})"
 
 
 def _torch_cp(shape: Shape, kernel: SDPBackend, reps: int) -> float:
@@ -223,6 +230,9 @@ def main() -> None:
             except Exception as exc:  # report the failure in the table instead of losing the run
                 _log(f"  torchCP_{kname} failed: {type(exc).__name__}: {str(exc)[:160]}")
             torch.cuda.empty_cache()
+        if "auto" in chosen:
+            row["auto_pick"] = _auto_pick(ctx, shape)
+            _log(f"  auto picks {row['auto_pick']}")
         table.append(row)
         results[shape.name] = row
     if not args.no_baselines:
@@ -262,6 +272,12 @@ def _print_table(table: list[dict], world: int, strategies: list[str]) -> None:
             if name in row:
                 ms = row[name]
                 print(f"{'':24s} {name:22s} {ms:9.2f} {100 * ideal / ms:7.1f}% {cp_best / ms:9.2f}x")
+        if "auto" in row:
+            measured = {name: row[name] for name in strategies if name in row and name != "auto"}
+            best = min(measured, key=measured.get)
+            print(
+                f"{'':24s} auto picks {row.get('auto_pick')}: {row['auto'] / measured[best]:.3f}x the fastest ({best})"
+            )
     rows = {row["shape"]: row for row in table}
     full, prefix = rows.get("tabpfn_b5_L256k"), rows.get("tabpfn_prefix_b5_L256k")
     if full and prefix:

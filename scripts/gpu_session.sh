@@ -34,13 +34,25 @@ setup() {
   python3 -c "import mosaic; print('backends', mosaic.available_backends())"
 }
 
-one() {
-  step kernels 150 python3 -m pytest -q packages/mosaic-core/tests/test_kernels.py packages/mosaic-core/tests/test_tiny.py -k "cuda or tiny"
-  step check_P1 120 torchrun --nproc_per_node=1 tests/gpu/check_backends.py --out "$OUT"
-  [ -f tests/gpu/check_magi.py ] && step magi 150 torchrun --nproc_per_node=1 tests/gpu/check_magi.py --out "$OUT"
-  step bench_kernels 90 bash -c "cd benchmarks && python3 bench_kernels.py --shapes features_b150k_L11 features_b655k_L6 --out $OUT/kernels.json"
-  step bench_memory 90 bash -c "cd benchmarks && python3 bench_memory.py --out $OUT/memory.json"
-  step bench_capacity 240 bash -c "cd benchmarks && python3 bench_capacity.py --out $OUT/capacity.json"
+one() {  # about 9 minutes on one H200; the limits keep the call inside 10
+  step kernels 100 python3 -m pytest -q packages/mosaic-core/tests/test_kernels.py packages/mosaic-core/tests/test_tiny.py -k "cuda or tiny"
+  step check_P1 80 torchrun --nproc_per_node=1 tests/gpu/check_backends.py --out "$OUT"
+  step magi 90 torchrun --nproc_per_node=1 tests/gpu/check_magi.py --out "$OUT"
+  step magi_bench 100 torchrun --nproc_per_node=1 tests/gpu/check_magi.py --bench --out "$OUT"
+  step bench_memory 40 bash -c "cd benchmarks && python3 bench_memory.py --out $OUT/memory.json"
+  step bench_kernels 40 bash -c "cd benchmarks && python3 bench_kernels.py --shapes features_b150k_L11 features_b655k_L6 --out $OUT/kernels.json"
+  step bench_capacity 170 bash -c "cd benchmarks && python3 bench_capacity.py --time-limit 100 --modes inference_whole inference train checkpoint --out $OUT/capacity.json"
+  # The multi-GPU benchmark's code path on one GPU (every strategy runs its one-rank plan; auto's pick).
+  step bench_sp_P1 30 bash -c "cd benchmarks && torchrun --nproc_per_node=1 bench_sp.py --shapes tabpfn_b5_L64k \
+    --reps 2 --no-baselines --out $OUT"
+}
+
+memory() {  # one GPU: the kernels again, the memory and feature-attention benchmark, inference at 10^6 rows
+  step kernels 120 python3 -m pytest -q packages/mosaic-core/tests/test_kernels.py packages/mosaic-core/tests/test_tiny.py -k "cuda or tiny"
+  step bench_memory 60 bash -c "cd benchmarks && python3 bench_memory.py --out $OUT/memory.json"
+  step bench_kernels 60 bash -c "cd benchmarks && python3 bench_kernels.py --shapes features_b150k_L11 features_b655k_L6 --out $OUT/kernels.json"
+  step bench_inference 200 bash -c "cd benchmarks && python3 bench_capacity.py --modes inference_whole inference \
+    --inference-rows-list 150000 1000000 --out $OUT/inference.json"
 }
 
 tests() {

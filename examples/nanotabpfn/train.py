@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inference-rows",
         type=int,
         default=None,
-        help="without gradients, run each block's row-local parts on this many rows at a time (memory)",
+        help="without gradients, run each block in place: feature attention on N rows at a time, the rest by column",
     )
     return p.parse_args(argv)
 

@@ -80,10 +80,11 @@ class TransformerEncoderLayer(nn.Module):
     def forward(self, src: torch.Tensor, train_size: int, chunk_rows: int | None = None) -> torch.Tensor:
         """``(B, R, C, E)`` to the same shape.
 
-        With ``chunk_rows`` and no gradients (inference), the row-local parts (feature
-        attention, norms, MLP) run on ``chunk_rows`` rows at a time, writing into ``src``,
-        and row attention one column at a time: the working memory is a chunk's, beside
-        ``src`` and one attention output.
+        With ``chunk_rows`` and no gradients (inference), the block runs in place on ``src``:
+        feature attention and ``norm1`` on ``chunk_rows`` rows at a time, then the rest one
+        column at a time (a column's row attention needs only that column, and ``norm2``,
+        the MLP and ``norm3`` act on each cell): the working memory is a chunk's or a
+        column's beside ``src``, not the block's activations.
         """
         if chunk_rows is None or torch.is_grad_enabled():
             src = self.norm1(self.self_attention_between_features(src) + src)
@@ -93,15 +94,9 @@ class TransformerEncoderLayer(nn.Module):
         src = src.to(torch.promote_types(src.dtype, self.norm1.weight.dtype))
         for rows in src.split(chunk_rows, dim=1):
             rows.copy_(self.norm1(self.self_attention_between_features(rows) + rows))
-        attention = self.self_attention_between_datapoints
-        attention.inference_batch = 1  # one column's rows at a time
-        try:
-            attended = attention(src, kv_len=train_size)
-        finally:
-            attention.inference_batch = None
-        for rows, new in zip(src.split(chunk_rows, dim=1), attended.split(chunk_rows, dim=1), strict=True):
-            rows.copy_(self.norm2(new + rows))
-            rows.copy_(self.norm3(self.linear2(F.gelu(self.linear1(rows))) + rows))
+        for column in src.split(1, dim=2):
+            column.copy_(self.norm2(self.self_attention_between_datapoints(column, kv_len=train_size) + column))
+            column.copy_(self.norm3(self.linear2(F.gelu(self.linear1(column))) + column))
         return src
 
 
@@ -129,9 +124,9 @@ class NanoTabPFN(nn.Module):
         backend: Mosaic strategy for row attention (``"local"`` when the rows are whole).
         checkpoint_layers: recompute each block in the backward instead of keeping its
             activations (memory for 10^6 rows, about a third more compute).
-        inference_rows: without gradients, run the row-local parts of each block on this
-            many rows at a time (and row attention a column at a time): inference on 10^6
-            rows in a few GiB. ``None``: all at once.
+        inference_rows: without gradients, run each block's feature attention on this many
+            rows at a time and the rest a column at a time, in place: inference on 10^6 rows
+            in a few GiB. ``None``: all at once.
         layer_norm_eps: LayerNorm epsilon (nanoTabPFN's default).
     """
 

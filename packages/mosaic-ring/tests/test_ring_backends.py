@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import mosaic
 from mosaic.testing import compare_with_local, run_distributed
@@ -76,3 +77,32 @@ def test_conformance_kit(backend: str) -> None:
     """The standard cases of mosaic.testing, filtered by what the backend declares."""
     results = mosaic.testing.run_conformance(backend, world_sizes=(3, 4))
     assert all(len(cases) == len(mosaic.testing.STANDARD_CASES) for cases in results.values())
+
+
+def _replicated_queries(backend: str) -> dict[str, float]:
+    """Queries every rank holds (inducing points) over keys sharded along the sequence."""
+    ctx = mosaic.init(sp_size=torch.distributed.get_world_size())
+    torch.manual_seed(0)
+    q_full = torch.randn(2, 4, 5, 8)
+    k_full, v_full = torch.randn(2, 4, 11, 8), torch.randn(2, 4, 11, 8)
+    q = q_full.clone().requires_grad_()
+    k, v = (ctx.shard(t, 2).clone().requires_grad_() for t in (k_full, v_full))
+    out = mosaic.attention(q, k, v, backend=backend, kv_len=9)
+    # Each rank's loss is its share of the total, as in a model: here 1/P of the same sum.
+    (out.sum() / ctx.sp_size).backward()
+    ref_q, ref_k, ref_v = (t.clone().requires_grad_() for t in (q_full, k_full, v_full))
+    ref = torch.nn.functional.scaled_dot_product_attention(ref_q, ref_k[:, :, :9], ref_v[:, :, :9])
+    ref.sum().backward()
+    dq = q.grad.clone()
+    torch.distributed.all_reduce(dq, group=ctx.sp_group)  # reduce_gradients does this for parameters
+    return {
+        "out": float((out - ref).abs().max()),
+        "dq": float((dq - ref_q.grad).abs().max()),
+        "dk": float((ctx.unshard(k.grad, 2) - ref_k.grad).abs().max()),
+    }
+
+
+@pytest.mark.parametrize("backend", ["ring", "allgather"])
+def test_replicated_queries_over_sharded_keys(backend: str) -> None:
+    for errors in run_distributed(_replicated_queries, 3, backend):
+        assert max(errors.values()) < TOL, errors

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from mosaic.attention import MultiAxisAttention
-from mosaic.backend import Backend, Capabilities, Plan
+from mosaic.backend import Backend, BackendNotSupported, Capabilities, Plan
 from mosaic.context import Context
 from mosaic.functional import plan_for
 from mosaic.layout import SeqLayout
@@ -128,7 +128,12 @@ class ComposedBackend(Backend):
 
     def prepare(self, context: Context, options: Options) -> None:
         h, s = options.mesh_shape
-        if options.head_parallel and h * s == context.sp_size and context.sp_size > 1:
+        if h * s != context.sp_size:
+            raise BackendNotSupported(
+                f"backend 'composed': mesh_shape {(h, s)} has {h * s} ranks but the sp group has {context.sp_size}; "
+                f"use (h, {context.sp_size} // h)"
+            )
+        if options.head_parallel and context.sp_size > 1:
             context.grid((s, h), ("seq", "head"))
 
     def extra_reasons(self, problem: AttentionProblem) -> list[str]:

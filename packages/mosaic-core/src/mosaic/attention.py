@@ -365,7 +365,7 @@ class MultiAxisAttention(nn.Module):
                 self.check_inputs(x, kv)
             else:
                 chunked = False
-                q, k, v = self.project(x, kv)
+                q, k, v = self._project_call(x, kv, dim, kv_len)
         except (TypeError, ValueError) as exc:
             if not self.backend.capabilities.distributed:
                 raise
@@ -376,6 +376,15 @@ class MultiAxisAttention(nn.Module):
             return self._chunked(x, kv, dim, kv_len, causal)
         out = attend(q, k, v, self._call(kv_len, causal, dim, batch_shape))
         return self.output(out, x)
+
+    def _project_call(self, x, kv, dim: int, kv_len: int | None):
+        """:meth:`project` for a call; in self-attention over a whole dim with a key prefix, keys
+        and values only for the ``kv_len`` rows that are keys (no K/V of the others is computed or kept)."""
+        self.check_inputs(x, kv)
+        xq = fold(x, dim)[0]
+        if kv is None and kv_len is not None and 0 < kv_len < xq.shape[1] and not self.backend.capabilities.distributed:
+            return self._project(xq, xq[:, :kv_len])
+        return self._project(xq, None if kv is None else fold(kv, dim)[0])
 
     def _chunked(self, x, kv, dim: int, kv_len: int | None, causal: bool) -> torch.Tensor:
         """The forward in chunks of the last folded dim (the others looped): bounded working memory."""

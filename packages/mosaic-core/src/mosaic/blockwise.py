@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import KernelCall, attention_backward, attention_forward, lse_dtype
+from .kernels import KernelCall, attention_backward, attention_forward, lse_dtype, select_kernel
 from .layout import Span
 
 __all__ = [
@@ -339,8 +339,11 @@ class SpanAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pieces: list[Piece], scale: float):
-        # q, k, v are saved as they come (views of one projection, usually): a contiguous copy
-        # of q would be saved beside the projection that holds it already.
+        # Projections hand over strided views. Most kernels want contiguous rows: copied once here and
+        # saved in place of the views, the projection's output is freed after the forward, and the
+        # backward's kernels need no copies of their own. A kernel that reads strides gets the views.
+        if q.shape[2] and k.shape[2] and not select_kernel(q, k).strided_inputs:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse, calls = forward(q, k, v, pieces, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -350,7 +353,8 @@ class SpanAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.pieces, ctx.calls, ctx.scale)
+        # dout as it comes (the output projection's gradient, transposed): each kernel lays out what it needs.
+        dq, dk, dv = backward(dout, q, k, v, out, lse, ctx.pieces, ctx.calls, ctx.scale)
         return dq, dk, dv, None, None
 
 

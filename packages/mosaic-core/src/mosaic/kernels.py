@@ -34,6 +34,24 @@ from . import tiny
 
 aten = torch.ops.aten
 
+__all__ = [
+    "CUDA_MAX_BATCH_HEADS",
+    "KERNELS",
+    "CpuFlashKernel",
+    "CudnnKernel",
+    "FlashKernel",
+    "Kernel",
+    "KernelCall",
+    "MathKernel",
+    "TinyKernel",
+    "attention_backward",
+    "attention_forward",
+    "default_scale",
+    "kernel_reasons",
+    "lse_dtype",
+    "select_kernel",
+]
+
 # Fused CUDA kernels put batch and heads on grid dimensions limited to 65535.
 CUDA_MAX_BATCH_HEADS = 65535
 # The math fallback materialises scores; bound them to ~1 GiB of fp32 per chunk.
@@ -58,6 +76,8 @@ class Kernel(ABC):
 
     name: str = ""
     device_type: str = "cuda"
+    # Reads q, k, v through their strides (no contiguous copy needed, nor worth making).
+    strided_inputs: bool = False
     dtypes: frozenset[torch.dtype] = frozenset()
     max_head_dim: int | None = None
     pad_head_dim_to: int = 1
@@ -197,6 +217,7 @@ class TinyKernel(Kernel):
     """Query and key lengths <= 64 (feature attention): many (batch, head) pairs per tile, see :mod:`mosaic.tiny`."""
 
     name = "tiny"
+    strided_inputs = True
 
     def reasons(self, q, k=None):
         return tiny.reasons(q, k)

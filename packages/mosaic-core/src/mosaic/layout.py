@@ -19,6 +19,19 @@ from typing import Literal
 
 import torch
 
+__all__ = [
+    "LAYOUTS",
+    "LayoutKind",
+    "SeqLayout",
+    "Span",
+    "check_layout",
+    "from_zigzag",
+    "shard",
+    "split_sizes",
+    "to_zigzag",
+    "unshard",
+]
+
 LayoutKind = Literal["contiguous", "zigzag"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
 

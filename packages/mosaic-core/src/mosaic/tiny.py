@@ -57,6 +57,18 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "AUTO_MAX_HEAD_DIM",
+    "AUTO_MAX_LEN",
+    "MAX_HEAD_DIM",
+    "MAX_LEN",
+    "TileConfig",
+    "backward",
+    "default_config",
+    "forward",
+    "reasons",
+]
+
 MAX_LEN = 64
 MAX_HEAD_DIM = 128
 # Where it is picked without being asked for: the shapes measured faster than
@@ -228,7 +240,8 @@ def forward(
     _check(q, k, v)
     b, h, q_len, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out = q.new_empty(q.shape)
+    # (B, L, H, d) in memory: what the output projection reads, so its transpose is a view.
+    out = q.new_empty((b, q_len, h, d)).transpose(1, 2)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if b * h == 0 or q_len == 0:
         return out, lse
@@ -237,7 +250,7 @@ def forward(
     constants = _constants(q, k, causal, config, _alignment(q, k, v))
     forward_kernel, _ = _kernels()
     forward_kernel[(_cdiv(b * h, constants["PAIRS"]),)](
-        q, k, v, out, lse, b * h, scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(), **constants
+        q, k, v, out, lse, b * h, scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(), *out.stride(), **constants
     )
     return out, lse
 
@@ -314,7 +327,9 @@ def _upcast(dtype: torch.dtype) -> bool:
 # consecutive (batch, head) pairs, pair p = b * HEADS + h: query row r is pair
 # r // Q_LEN at position r % Q_LEN, key column c is pair c // K_LEN at position
 # c % K_LEN. Pair arithmetic is int32 (batch x heads < 2**31), memory offsets
-# int64. Outputs (out, lse, dq, dk, dv) are contiguous; inputs are strided.
+# int64. Inputs are strided; out is written through its strides too (the wrapper
+# lays it out as (B, L, H, d), so the output projection needs no copy); lse, dq,
+# dk and dv are contiguous.
 
 
 def _forward_kernel(
@@ -337,6 +352,10 @@ def _forward_kernel(
     svh,
     svl,
     svd,
+    sob,
+    soh,
+    sol,
+    sod,
     HEADS: tl.constexpr,
     Q_LEN: tl.constexpr,
     K_LEN: tl.constexpr,
@@ -391,8 +410,8 @@ def _forward_kernel(
     o = acc / tl.where(empty, 1.0, total)[:, None]
     lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
 
-    out_row = (q_pair.to(tl.int64) * Q_LEN + qp) * HEAD_DIM
-    tl.store(o_ptr + out_row[:, None] + dims[None, :], o.to(o_ptr.dtype.element_ty), mask=q_mask)
+    out_row = qb * sob + qh * soh + qp * sol
+    tl.store(o_ptr + out_row[:, None] + dims[None, :] * sod, o.to(o_ptr.dtype.element_ty), mask=q_mask)
     tl.store(lse_ptr + q_pair.to(tl.int64) * Q_LEN + qp, lse, mask=q_ok)
 
 

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from mosaic.backend import Backend, Capabilities, Plan
+from mosaic.backend import Backend, BackendNotSupported, Capabilities, Plan
 from mosaic.context import Context
 from mosaic.cost import Cost, attention_flops
 from mosaic.functional import plan_for
@@ -72,7 +72,12 @@ class HierarchicalBackend(Backend):
 
     def prepare(self, context: Context, options: Options) -> None:
         local = options.intra_node_size
-        if context.sp_size > 1 and context.sp_size % local == 0:
+        if context.sp_size % local:
+            raise BackendNotSupported(
+                f"backend 'hierarchical': intra_node_size={local} does not divide the sp group size "
+                f"{context.sp_size}; choose the ranks per node (a divisor of the sp size)"
+            )
+        if context.sp_size > 1:
             context.grid((context.sp_size // local, local), ("inter", "intra"))
 
     def extra_reasons(self, problem: AttentionProblem) -> list[str]:

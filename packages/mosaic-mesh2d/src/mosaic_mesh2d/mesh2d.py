@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mosaic.backend import Backend, Capabilities, Plan
+from mosaic.backend import Backend, BackendNotSupported, Capabilities, Plan
 from mosaic.blockwise import Piece, backward_, blocks, empty_partial, merge_
 from mosaic.blockwise import forward as block_forward
 from mosaic.comm import all_gather_uneven, all_to_all_uneven, reduce_scatter_uneven
@@ -89,7 +89,12 @@ class Mesh2DBackend(Backend):
 
     def prepare(self, context: Context, options: Options) -> None:
         rows, cols = options.mesh_shape
-        if rows * cols == context.sp_size and context.sp_size > 1:
+        if rows * cols != context.sp_size:
+            raise BackendNotSupported(
+                f"backend 'mesh2d': mesh_shape {(rows, cols)} has {rows * cols} ranks but the sp group has "
+                f"{context.sp_size}; choose (R, C) with R * C = {context.sp_size}"
+            )
+        if context.sp_size > 1:
             mesh_groups(context, (rows, cols))
 
     def extra_reasons(self, problem: AttentionProblem) -> list[str]:
