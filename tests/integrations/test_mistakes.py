@@ -173,9 +173,8 @@ def set_backend_options() -> dict:
     for name, options in SET_BACKEND:
         attn.set_backend(name, **options)
         out["runs"].append((attn.backend_name, attn.backend_options, attn(x, kv_len=6).detach()))
-    # A mesh of the wrong size is accepted by set_backend (it is well formed) and refused by the call.
-    attn.set_backend("mesh2d", mesh_shape=(WORLD, WORLD))
-    out["bad mesh"] = error_of(lambda: attn(x))
+    # A mesh of the wrong size is refused by set_backend itself: its groups could not be made.
+    out["bad mesh"] = error_of(lambda: attn.set_backend("mesh2d", mesh_shape=(WORLD, WORLD)))
     out["unknown option"] = error_of(lambda: attn.set_backend("allgather", chunk=2))
     return out
 
