@@ -8,9 +8,10 @@ median of repeats timed with CUDA events (rank 0's clock after a barrier):
 - ``1gpu_cudnn`` / ``1gpu_flash``: ``F.scaled_dot_product_attention`` on the
   whole problem on one GPU (every rank runs it on its own GPU at once, as the
   baseline script in shared/bench did); ``ideal = best 1-GPU / P``.
-- Mosaic strategies: ``backend.attention`` on this rank's shard in the
-  canonical layout (no projections), as installed: ring, allgather, mesh2d,
-  ulysses, composed, hierarchical, ring_flash_attn. Bytes received per rank
+- Mosaic strategies: ``mosaic.attention`` on this rank's shard in the
+  canonical layout (no projections; the guard's agreement and the cached plan
+  included), as installed: ring, allgather, mesh2d, ulysses, composed,
+  hierarchical, ring_flash_attn, switch, magi, auto. Bytes received per rank
   are measured with ``mosaic.comm.count_traffic``.
 - ``torchCP_cudnn`` / ``torchCP_flash``: PyTorch's ``context_parallel``
   (all-gather rotation, load balancing off: it refuses non-causal otherwise).

@@ -442,3 +442,23 @@ def test_on_change_runs_no_host_collective_for_repeated_shapes(world: int) -> No
         kind, _, seconds = r["changed"]
         # Bounded, and named: the guard's timeout on the rank that changed, the plan's on the others.
         assert kind == "CollectiveTimeout" and seconds < 3 * TIMEOUT.total_seconds() + 5, r["changed"]
+
+
+# -- the functional call and the sharded helpers ------------------------------------------------
+
+
+def _functional_and_helpers(world: int) -> dict:
+    ctx = _init(world)
+    last = ctx.sp_rank == world - 1
+    q = torch.randn(2, HEADS, 5, 4)
+    out = {"attention kv_len": _outcome(lambda: mosaic.attention(q, q, q, backend="ring", kv_len=2.5 if last else 3))}
+    x = torch.randn(2, 5, 4 if last else 3)
+    out["sharded.mean"] = _outcome(lambda: mosaic.sharded.mean(x, 1))
+    return out
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_functional_attention_and_sharded_helpers_fail_on_every_rank(world: int) -> None:
+    results = run_distributed(_functional_and_helpers, world, world)
+    _assert_together([{"kv_len": r["attention kv_len"]} for r in results], "kv_len must be an int")
+    _assert_together([{"mean": r["sharded.mean"]} for r in results], "partial results differ in shape")

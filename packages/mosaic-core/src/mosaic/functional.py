@@ -21,6 +21,7 @@ traced as plain ``scaled_dot_product_attention`` and needs none.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -134,18 +135,14 @@ def attention(
         ``(batch, heads, q_rows, head_dim)`` in q's dtype; differentiable in q, k and v.
     """
     chosen = backend if isinstance(backend, Backend) else get_backend(backend)
-    call = Call(
-        chosen,
-        chosen.parse_options(options),
-        kv_len_int(kv_len),
-        bool(causal),
-        layout,
-        scale,
-        float(dropout),
-        (q.shape[0],),
-        name or f"mosaic.attention(backend={chosen.name!r})",
-    )
     check_layout(layout)
+    what = name or f"mosaic.attention(backend={chosen.name!r})"
+    call = Call(chosen, chosen.parse_options(options), None, bool(causal), layout, scale, float(dropout),
+                (q.shape[0],), what)  # fmt: skip
+    try:
+        call = dataclasses.replace(call, kv_len=kv_len_int(kv_len))
+    except TypeError as exc:  # a kv_len of the wrong type on one rank: every rank must hear of it
+        return attend(None, None, None, call, context, error=exc)
     return attend(q, k, v, call, context)
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .comm import all_gather_uneven, all_reduce_sum
 from .context import Context, get_context
-from .guard import HELPER
+from .guard import HELPER, site_id
 from .layout import LayoutKind, Span
 
 __all__ = [
@@ -115,6 +115,25 @@ def _group(over: Over) -> dist.ProcessGroup | None:
     return ctx.sp_group if ctx.sp_size > 1 else None
 
 
+def _reduced(name: str, local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``local`` (a per-rank partial result) once every rank has shown the same shape and dtype.
+
+    A rank whose tensor differs would make the collective that follows abort or
+    hang; the guard turns it into the same error on every rank.
+    """
+    if group is not None:
+        what = f"mosaic.sharded.{name}"
+        facts = [site_id(str(local.dtype)), local.dim(), *local.shape]
+        rows = get_context().guard.agree(HELPER, what, facts)
+        if len(set(rows)) != 1:
+            shapes = [tuple(r[2:]) for r in rows]
+            raise ValueError(
+                f"{what}: the ranks' partial results differ in shape or dtype ({shapes}); every rank must pass "
+                "tensors that agree in every dim but the sharded one"
+            )
+    return local
+
+
 def _masked(x: torch.Tensor, mask: torch.Tensor | None, fill: float) -> torch.Tensor:
     return x if mask is None else torch.where(mask, x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
@@ -124,8 +143,8 @@ def count(
 ) -> torch.Tensor:
     """Entries along the global ``dim`` (those where ``mask`` is true), shaped like the reduction; int64."""
     ones = torch.ones_like(x, dtype=torch.int64) if mask is None else mask.expand_as(x).to(torch.int64)
-    local = ones.sum(dim, keepdim=keepdim)
     group = _group(over)
+    local = _reduced("count", ones.sum(dim, keepdim=keepdim), group)
     if group is not None:
         dist.all_reduce(local, group=group)
     return local
@@ -135,7 +154,8 @@ def sum(
     x: torch.Tensor, dim: int, *, mask: torch.Tensor | None = None, keepdim: bool = False, over: Over = None
 ) -> torch.Tensor:
     """``x.sum(dim)`` of the unsharded tensor (over the entries where ``mask`` is true); differentiable."""
-    return all_reduce_sum(_masked(x, mask, 0.0).sum(dim, keepdim=keepdim), _group(over))
+    group = _group(over)
+    return all_reduce_sum(_reduced("sum", _masked(x, mask, 0.0).sum(dim, keepdim=keepdim), group), group)
 
 
 def mean(
@@ -185,7 +205,9 @@ class _AllReduceExtreme(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, keepdim: bool, largest: bool, group):
-        local = x.amax(dim, keepdim=True) if largest else x.amin(dim, keepdim=True)
+        local = _reduced(
+            "max" if largest else "min", x.amax(dim, keepdim=True) if largest else x.amin(dim, keepdim=True), group
+        )
         if group is not None:
             dist.all_reduce(local, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN, group=group)
         hits = (x == local).to(x.dtype)
