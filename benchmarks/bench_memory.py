@@ -3,14 +3,17 @@
 - Row attention (dim 1; every row attends to the first half, the training rows):
   ``mosaic.MultiAxisAttention`` with ``kv_len`` against ``nn.MultiheadAttention``'s
   two calls (train to train, test to train) on the same tensor; forward+backward
-  time and the peak memory above the inputs.
+  time and the peak memory above the inputs. "copies" is Mosaic with cuDNN handed
+  contiguous copies (the code before cuDNN read the projections' strides).
 - Feature attention (dim 2, 11 features, batch' = 150,000): the layer forward+backward
   with Mosaic's kernel choice against the same layer forced onto cuDNN.
 
 bf16 autocast, fp32 inputs (a LayerNorm's output), as in the model. Prints a
-table and writes JSON.
+table and writes JSON. ``--snapshot DIR`` also records one step of each row
+attention with PyTorch's allocator history (``DIR/<name>.pickle``);
+``memory_peak.py`` lists what is alive at its peak.
 
-    python benchmarks/bench_memory.py --out memory.json
+    python benchmarks/bench_memory.py --out memory.json [--snapshot DIR]
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from _timing import gpu_name
 
 import mosaic
+from mosaic import kernels
 
 
 def _measure(step, reps: int) -> tuple[float, float]:
@@ -44,13 +49,29 @@ def _measure(step, reps: int) -> tuple[float, float]:
     return sorted(times)[len(times) // 2], peak
 
 
-def _rows_mosaic(x, grad, n_train):
+def _snapshot(step, path: Path) -> None:
+    """One more ``step()`` with the allocator's history recorded (stack frames of every allocation)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.memory._dump_snapshot(str(path))
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def _rows_mosaic(x, grad, n_train, strided: bool = True):
+    """``strided=False``: cuDNN gets contiguous copies of q, k, v (and dout), as before 2026-12-02."""
     attn = mosaic.MultiAxisAttention(x.shape[-1], 4, 1).cuda()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = attn(x, kv_len=n_train)
-        y.backward(grad)
+        kernels.CudnnKernel.strided_inputs = strided
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = attn(x, kv_len=n_train)
+            y.backward(grad)
+        finally:
+            kernels.CudnnKernel.strided_inputs = True
 
     return step
 
@@ -93,6 +114,7 @@ def main() -> None:
     parser.add_argument("--columns", type=int, default=11)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--snapshot", default=None, help="folder for allocator snapshots of the row attentions")
     args = parser.parse_args()
     mosaic.init()
     torch.manual_seed(0)
@@ -103,6 +125,7 @@ def main() -> None:
     rows = {}
     for name, step in (
         ("row attention, mosaic", _rows_mosaic(x, grad, n_train)),
+        ("row attention, mosaic, copies", _rows_mosaic(x, grad, n_train, strided=False)),
         ("row attention, nn.MultiheadAttention", _rows_mha(x, grad, n_train)),
         ("feature attention, mosaic", _features(x, grad, None)),
         ("feature attention, mosaic on cuDNN", _features(x, grad, "cudnn")),
@@ -110,6 +133,9 @@ def main() -> None:
         ms, gib = _measure(step, args.reps)
         rows[name] = {"ms": ms, "peak_gib": gib}
         x.grad = None
+        if args.snapshot and name.startswith("row"):
+            _snapshot(step, Path(args.snapshot) / f"{name[15:].replace(', ', '_').replace('.', '_')}.pickle")
+            x.grad = None
     mosaic.shutdown()
     print(f"{gpu_name()}, torch {torch.__version__}, shape {shape}, kv_len {n_train}, bf16 autocast, fwd+bwd")
     print(f"{'':<40}{'ms':>10}{'peak GiB':>10}")

@@ -1,6 +1,8 @@
 """Plots of bench_capacity.py's JSON: step time and peak memory against rows per GPU (PNG).
 
-python benchmarks/plot_capacity.py capacity.json --out docs/results/capacity.png
+Several files (runs of one machine) are merged: each mode's points from all of them.
+
+python benchmarks/plot_capacity.py capacity.json [more.json ...] --out docs/results/capacity.png
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ import matplotlib.pyplot as plt
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=Path)
+    parser.add_argument("json", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    data = json.loads(args.json.read_text())
+    runs = [json.loads(path.read_text()) for path in args.json]
+    data = runs[0]
+    modes: dict[str, dict[int, dict]] = {}
+    for run in runs:
+        for mode, found in run["modes"].items():
+            modes.setdefault(mode, {}).update({p["rows"]: p for p in found["points"]})
     fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode, found in data["modes"].items():
-        points = found["points"]
+    for mode, by_rows in modes.items():
+        points = [by_rows[r] for r in sorted(by_rows)]
         if not points:
             continue
         rows = [p["rows"] for p in points]

@@ -3,6 +3,9 @@
 #   scripts/gpu_session.sh one     # one GPU: kernels and tiny kernel, every strategy at P = 1, magi, benchmarks
 #   scripts/gpu_session.sh tests   # GPU tests: kernels on CUDA, every strategy on 2 and 4 GPUs, ring-flash-attn
 #   scripts/gpu_session.sh bench   # kernel benchmark, sequence-parallel benchmark, nanoTabPFN step timings
+#   scripts/gpu_session.sh kernels # one GPU: kernels (ffa included), every strategy at P = 1, magi, memory
+#   scripts/gpu_session.sh capacity  # one GPU: inference at 3x10^6 rows, training near the largest size
+#   scripts/gpu_session.sh checkpoint_large  # one GPU: a checkpointed training step at 1.2x10^6 rows
 # Logs and JSON go to $OUT. Expects the wheels of ../shared/wheels copied to .whl/ (ring-flash-attn, flash-attn,
 # MagiAttention with its JIT cache); every step has a time limit so one slow step cannot eat the call.
 set -u
@@ -55,6 +58,28 @@ memory() {  # one GPU: the kernels again, the memory and feature-attention bench
     --inference-rows-list 150000 1000000 --out $OUT/inference.json"
 }
 
+kernels() {  # about 8 minutes on one H200
+  step kernels 150 python3 -m pytest -q packages/mosaic-core/tests/test_kernels.py packages/mosaic-core/tests/test_tiny.py -k "cuda or tiny"
+  step bench_memory 90 bash -c "cd benchmarks && python3 bench_memory.py --out $OUT/memory.json --snapshot /tmp/snapshots"
+  for f in /tmp/snapshots/*.pickle; do echo "== $f"; python3 benchmarks/memory_peak.py "$f"; done > "$OUT/memory_peak.txt"
+  step check_P1 80 torchrun --nproc_per_node=1 tests/gpu/check_backends.py --out "$OUT"
+  step magi 90 torchrun --nproc_per_node=1 tests/gpu/check_magi.py --out "$OUT"
+  step magi_bench 150 torchrun --nproc_per_node=1 tests/gpu/check_magi.py --bench --out "$OUT"
+}
+
+capacity() {  # about 8 minutes on one H200: single steps at large sizes (each grows as rows^2); the first,
+  # small size of each list is the untimed warm-up that compiles the kernels
+  step inference_3M 420 bash -c "cd benchmarks && python3 bench_capacity.py --modes inference \
+    --inference-rows-list 150000 3000000 --time-limit 400 --out $OUT/inference_3M.json"
+  step train_large 150 bash -c "cd benchmarks && python3 bench_capacity.py --modes train \
+    --rows 20000 ${TRAIN_ROWS:-800000} --time-limit 140 --out $OUT/train_large.json"
+}
+
+checkpoint_large() {  # about 5 minutes: one checkpointed training step near a million rows
+  step checkpoint_large 330 bash -c "cd benchmarks && python3 bench_capacity.py --modes checkpoint \
+    --rows 20000 ${CHECKPOINT_ROWS:-1200000} --time-limit 320 --out $OUT/checkpoint_large.json"
+}
+
 tests() {
   step kernels 300 python3 -m pytest -q packages/mosaic-core/tests/test_kernels.py packages/mosaic-core/tests/test_tiny.py -k "cuda or tiny"
   for world in 2 4; do
@@ -79,4 +104,8 @@ bench() {
 
 setup
 for phase in "${@:-tests}"; do "$phase"; done
+# At most 8 files come back from a device call: past that, the logs travel as one archive.
+if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && tar -czf logs.tar.gz ./*.log && rm -f ./*.log)
+fi
 exit $status

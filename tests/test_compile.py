@@ -1,7 +1,8 @@
 """torch.compile (inductor) over models with Mosaic layers: the same outputs and gradients as eager.
 
 The local layer is traced into the graph; a sharded layer is one graph break
-(its guard, plan and collectives run eagerly, in the same order on every rank).
+(its guard, plan and collectives run eagerly, in the same order on every rank),
+and so is a local layer with a named kernel (``kernel=``), which runs as it is.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ TOL = 1e-5
 class _Block(nn.Module):
     """Feature attention (local, dim 2), row attention over the sharded dim 1, a projection."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, options: dict | None = None):
         super().__init__()
         self.features = mosaic.MultiAxisAttention(16, 4, 2)
-        self.rows = mosaic.MultiAxisAttention(16, 4, 1, backend=backend)
+        self.rows = mosaic.MultiAxisAttention(16, 4, 1, backend=backend, backend_options=options)
         self.out = nn.Linear(16, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,13 +32,13 @@ class _Block(nn.Module):
         return self.out(torch.nn.functional.gelu(x))
 
 
-def _compiled_matches_eager(world: int, backend: str) -> dict[str, float]:
+def _compiled_matches_eager(world: int, backend: str, options: dict | None = None) -> dict[str, float]:
     import torch._dynamo
 
     torch._dynamo.reset()
     ctx = mosaic.init(sp_size=world)
     torch.manual_seed(0)
-    model = _Block(backend)
+    model = _Block(backend, options)
     x_full, grad_full = torch.randn(2, 9, 3, 16), torch.randn(2, 9, 3, 16)
     results = []
     for run in (model, torch.compile(model)):
@@ -57,11 +58,15 @@ def _compiled_matches_eager(world: int, backend: str) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("backend", ["local", "ring", "allgather"])
+@pytest.mark.parametrize("backend", ["local", "local:math", "ring", "allgather"])
 def test_compiled_equals_eager(backend: str) -> None:
+    backend, _, kernel = backend.partition(":")
+    options = {"kernel": kernel} if kernel else None
     world = 1 if backend == "local" else 2
-    for rank, errors in enumerate(run_distributed(_compiled_matches_eager, world, world, backend, timeout=600)):
+    results = run_distributed(_compiled_matches_eager, world, world, backend, options, timeout=600)
+    for rank, errors in enumerate(results):
         breaks = errors.pop("breaks")
         assert max(errors.values()) < TOL, f"{backend} rank {rank}: {errors}"
-        # local is traced whole; a sharded layer breaks the graph where its collectives run.
-        assert (breaks == 0) if backend == "local" else (breaks >= 1), f"{backend}: {breaks} graph breaks"
+        # local is traced whole; a sharded layer or a named kernel breaks the graph where it runs.
+        traced = backend == "local" and not kernel
+        assert (breaks == 0) if traced else (breaks >= 1), f"{backend} {options}: {breaks} graph breaks"

@@ -14,9 +14,10 @@ median ratio is printed. Then the engine must refuse what it can't run with
 the right reason, its plans must have kept Mosaic's layout (MagiAttention's position ids of the local tokens are this
 rank's block of the packed sequence), and building a module must not have
 imported MagiAttention. ``--bench``: forward + backward in bf16 on DESIGN.md
-§6's shapes and nanoTabPFN's row attention, cuDNN (``local``) next to the
-``magi`` backend and FFA called directly with one q/k range per batch' entry
-(the key-prefix kernel a one-GPU ``local`` could use). Prints tables on rank 0,
+§6's shapes and nanoTabPFN's row attention, cuDNN (``local``) next to
+``local`` with ``kernel="ffa"`` (Mosaic's contract: (B, H, L, d) in and out, packed
+and padded per call), the ``magi`` backend, and FFA called directly on inputs
+already packed and padded (one q/k range per batch' entry); time and peak memory. Prints tables on rank 0,
 writes JSON, exits 1 on any failure.
 """
 
@@ -180,10 +181,13 @@ def _print(rows: list[dict]) -> None:
 # --- timings -------------------------------------------------------------------------------------------------------
 
 
-def _time(fn, reps: int) -> float:
-    """Median milliseconds of ``fn`` (forward + backward), after one warm-up call."""
+def _time(fn, reps: int) -> tuple[float, float]:
+    """Median milliseconds of ``fn`` (forward + backward), after one warm-up call, and its peak GiB above
+    what was allocated before."""
     fn()
     torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(reps):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -192,12 +196,14 @@ def _time(fn, reps: int) -> float:
         stop.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def _mosaic_step(backend: str, q, k, v, grad, kv_len: int | None, ctx: mosaic.Context) -> Callable[[], None]:
+def _mosaic_step(
+    backend: str, q, k, v, grad, kv_len: int | None, ctx: mosaic.Context, options: dict | None = None
+) -> Callable[[], None]:
     def run() -> None:
-        mosaic.attention(q, k, v, backend=backend, kv_len=kv_len, context=ctx).backward(grad)
+        mosaic.attention(q, k, v, backend=backend, options=options, kv_len=kv_len, context=ctx).backward(grad)
 
     return run
 
@@ -248,15 +254,18 @@ def _bench(ctx: mosaic.Context) -> list[dict]:
             "ffa_head_dim": packed[0].shape[-1],
         }
         steps = {
-            "cudnn_ms": _mosaic_step("local", q, k, v, grad, kv_len, ctx),
-            "magi_ms": _mosaic_step("magi", q, k, v, grad, kv_len, ctx),
-            "ffa_ms": _ffa_step(ffa, *packed, d**-0.5),
+            "cudnn": _mosaic_step("local", q, k, v, grad, kv_len, ctx),
+            "ffa_kernel": _mosaic_step("local", q, k, v, grad, kv_len, ctx, {"kernel": "ffa"}),
+            "magi": _mosaic_step("magi", q, k, v, grad, kv_len, ctx),
+            "ffa": _ffa_step(ffa, *packed, d**-0.5),
         }
         for name, fn in steps.items():
             try:
-                row[name] = round(_time(fn, reps), 1)
+                ms, gib = _time(fn, reps)
+                row[f"{name}_ms"], row[f"{name}_peak_gib"] = round(ms, 1), round(gib, 3)
             except Exception as exc:
-                row[name] = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                row[f"{name}_ms"] = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            torch.cuda.empty_cache()
         try:
             with torch.no_grad():  # FFA's output against cuDNN's on this shape
                 ref = mosaic.attention(q, k, v, backend="local", kv_len=kv_len, context=ctx).float()

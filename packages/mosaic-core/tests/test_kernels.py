@@ -151,3 +151,43 @@ def test_forced_kernel_that_cannot_run_is_an_error(forced):
     forced("nope")
     with pytest.raises(ValueError, match="not one of"):
         kernels.attention_forward(*(torch.randn(1, 1, 4, 8) for _ in range(3)))
+
+
+@pytest.mark.parametrize("device,dtype,name", [c for c in _cases() if c.values[1] != torch.float64])
+def test_strided_views_match_contiguous(device, dtype, name, forced):
+    """Projection views in, ``dout`` in ``out``'s order or not: the same results as contiguous inputs."""
+    forced(name)
+    torch.manual_seed(3)
+    b, n, h, d = 3, 40, 4, 24
+    qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype)  # a packed projection's output
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (b, h, n, d) views, rows strided by 3 h d
+    dense = [t.contiguous() for t in (q, k, v)]
+    dout_rows = torch.randn(b, n, h, d, device=device, dtype=dtype)  # the output projection's gradient
+    want_out, want_lse, call = kernels.attention_forward(*dense)
+    got_out, got_lse, got_call = kernels.attention_forward(q, k, v)
+    assert got_call.kernel == name
+    assert _err(got_out, want_out) < TOL[dtype] and _err(got_lse, want_lse) < TOL[dtype]
+    want = kernels.attention_backward(dout_rows.transpose(1, 2).contiguous(), *dense, want_out, want_lse, call)
+    for dout in (dout_rows.transpose(1, 2), dout_rows.transpose(1, 2).contiguous()):
+        got = kernels.attention_backward(dout, q, k, v, got_out, got_lse, got_call)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and _err(g, w) < 2 * TOL[dtype]
+
+
+def test_named_kernel_and_local_option(forced):
+    """``kernel=`` names a kernel per call; ``local``'s option checks the name when a module is built."""
+    import mosaic
+
+    q = torch.randn(1, 2, 6, 8)
+    assert kernels.attention_forward(q, q, q, kernel="math")[2].kernel == "math"
+    forced("cpu_flash")  # an explicit name wins over MOSAIC_KERNEL
+    assert kernels.attention_forward(q, q, q, kernel="math")[2].kernel == "math"
+    with pytest.raises(RuntimeError, match="kernel='cudnn' can't run this input: needs a cuda tensor"):
+        kernels.attention_forward(q, q, q, kernel="cudnn")
+    with pytest.raises(ValueError, match="is not one of"):
+        mosaic.MultiAxisAttention(8, 2, 1, backend_options={"kernel": "nope"})
+    attn = mosaic.MultiAxisAttention(8, 2, 1, backend_options={"kernel": "math"})
+    x = torch.randn(2, 7, 3, 8)
+    ref = mosaic.MultiAxisAttention(8, 2, 1)
+    ref.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(attn(x, kv_len=3), ref(x, kv_len=3), rtol=1e-5, atol=1e-6)

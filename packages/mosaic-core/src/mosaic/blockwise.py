@@ -198,18 +198,24 @@ def empty_partial(q: torch.Tensor, rows: int | None = None) -> tuple[torch.Tenso
 
 
 def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: list[Piece], scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pieces: list[Piece],
+    scale: float,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[KernelCall | None]]:
-    """Run blocks: ``(out, lse, calls)``; ``out`` is fp32 unless one piece covers every query row."""
+    """Run blocks (on ``kernel``, default the fastest): ``(out, lse, calls)``; ``out`` is fp32 unless one
+    piece covers every query row."""
     if len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]):
         p = pieces[0]
-        out, lse, call = attention_forward(q, k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale)
+        out, lse, call = attention_forward(q, k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale, kernel=kernel)
         return out, lse, [call]
     out, lse = empty_partial(q)
     calls = []
     for p in pieces:
         block_out, block_lse, call = attention_forward(
-            q[:, :, p.q], k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale
+            q[:, :, p.q], k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale, kernel=kernel
         )
         merge_(out[:, :, p.q], lse[:, :, p.q], block_out, block_lse)
         calls.append(call)
@@ -338,13 +344,13 @@ class SpanAttention(torch.autograd.Function):
     """Differentiable attention over blocks (used by strategies whose keys are all local)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pieces: list[Piece], scale: float):
+    def forward(ctx, q, k, v, pieces: list[Piece], scale: float, kernel: str | None = None):
         # Projections hand over strided views. Most kernels want contiguous rows: copied once here and
         # saved in place of the views, the projection's output is freed after the forward, and the
         # backward's kernels need no copies of their own. A kernel that reads strides gets the views.
-        if q.shape[2] and k.shape[2] and not select_kernel(q, k).strided_inputs:
+        if q.shape[2] and k.shape[2] and not select_kernel(q, k, kernel).strided_inputs:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse, calls = forward(q, k, v, pieces, scale)
+        out, lse, calls = forward(q, k, v, pieces, scale, kernel)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pieces, ctx.calls, ctx.scale = pieces, calls, scale
@@ -355,7 +361,7 @@ class SpanAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         # dout as it comes (the output projection's gradient, transposed): each kernel lays out what it needs.
         dq, dk, dv = backward(dout, q, k, v, out, lse, ctx.pieces, ctx.calls, ctx.scale)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def span_attention(

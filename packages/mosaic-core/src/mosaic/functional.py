@@ -170,9 +170,16 @@ def attend(
         if error is not None:
             raise error
         if torch.compiler.is_compiling() and call.backend.name == "local":
-            return _traced_local(q, k, v, call)
+            if getattr(call.options, "kernel", None) is None:
+                return _traced_local(q, k, v, call)
+            return _planned_local(q, k, v, call)  # a named kernel runs as it is: one graph break
         return plan_for(call.backend, agreed_problem(q, k, call, None))(q, k, v)
     return _distributed(q, k, v, call, context or get_context(), error, extra_facts, layouts)
+
+
+@torch.compiler.disable
+def _planned_local(q, k, v, call: Call) -> torch.Tensor:
+    return plan_for(call.backend, agreed_problem(q, k, call, None))(q, k, v)
 
 
 @torch.compiler.disable

@@ -11,20 +11,29 @@ The work is done by PyTorch's fused SDPA operators, picked in order of speed
 among those that accept the input (cuDNN, then flash on CUDA; the CPU flash
 operator on CPU) with an exact math fallback (fp32/fp64 on CUDA); query and
 key lengths <= 64 (feature attention) go to a Triton kernel first
-(:mod:`mosaic.tiny`). PyTorch's
+(:mod:`mosaic.tiny`). Packages add kernels through the entry points
+``mosaic.kernels`` (mosaic-magi's ``ffa``); a kernel with ``automatic =
+False`` runs only where it is named (``local``'s ``kernel`` option). PyTorch's
 memory-efficient operator is not used: on torch 2.11 its backward gave wrong
 dQ when handed a merged ``out``/``lse`` (seen on an H200, 2026-11-27). ``causal`` means
 top-left aligned, and callers only ask for it on square blocks whose query and
 key rows sit at the same positions, so no kernel's alignment rule matters.
 ``MOSAIC_KERNEL=<name>`` forces one kernel (benchmarks, debugging).
+
+cuDNN reads q, k, v through their strides and writes ``out`` in q's memory
+order, so the projections' views go in without copies and ``out`` comes back
+in the order the output projection reads; its backward wants ``dout`` in
+``out``'s order, which is the order the output projection's gradient has.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 import torch
@@ -36,6 +45,7 @@ aten = torch.ops.aten
 
 __all__ = [
     "CUDA_MAX_BATCH_HEADS",
+    "ENTRY_POINT_GROUP",
     "KERNELS",
     "CpuFlashKernel",
     "CudnnKernel",
@@ -47,6 +57,8 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "default_scale",
+    "get_kernel",
+    "kernel_names",
     "kernel_reasons",
     "lse_dtype",
     "select_kernel",
@@ -56,6 +68,8 @@ __all__ = [
 CUDA_MAX_BATCH_HEADS = 65535
 # The math fallback materialises scores; bound them to ~1 GiB of fp32 per chunk.
 _MATH_MAX_SCORES = 1 << 28
+# Packages that bring kernels name them under this entry point group (value: a Kernel subclass).
+ENTRY_POINT_GROUP = "mosaic.kernels"
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,6 +92,8 @@ class Kernel(ABC):
     device_type: str = "cuda"
     # Reads q, k, v through their strides (no contiguous copy needed, nor worth making).
     strided_inputs: bool = False
+    # May be picked for an input nobody named a kernel for (in KERNELS' order); False: only when named.
+    automatic: bool = True
     dtypes: frozenset[torch.dtype] = frozenset()
     max_head_dim: int | None = None
     pad_head_dim_to: int = 1
@@ -133,8 +149,10 @@ class CudnnKernel(Kernel):
             out.append("cuDNN is not available")
         return out
 
+    strided_inputs = True
+
     def forward(self, q, k, v, causal, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (_aligned(t) for t in (q, k, v))
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale
         )
@@ -142,12 +160,15 @@ class CudnnKernel(Kernel):
 
     def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
         lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
+        out = _aligned(out)
+        if dout.stride() != out.stride():  # cuDNN reads dout in out's memory order
+            dout = torch.empty_like(out).copy_(dout)
         return aten._scaled_dot_product_cudnn_attention_backward(
-            dout.contiguous(),
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
-            out.contiguous(),
+            dout,
+            _aligned(q),
+            _aligned(k),
+            _aligned(v),
+            out,
             lse.reshape(lse_shape).contiguous(),
             seed,
             offset,
@@ -160,6 +181,15 @@ class CudnnKernel(Kernel):
             causal,
             scale=scale,
         )[:3]
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when cuDNN can read it through its strides (unit last stride, 16-byte aligned rows), else a copy."""
+    step = max(1, 16 // t.element_size())
+    strides = [s for s, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1]
+    if t.stride(-1) == 1 and t.storage_offset() % step == 0 and all(s % step == 0 for s in strides):
+        return t
+    return t.contiguous()
 
 
 class FlashKernel(Kernel):
@@ -277,29 +307,74 @@ class MathKernel(Kernel):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-# In order of preference: tiny first, as it accepts only the short sequences where it is the fastest.
+# In order of preference: tiny first, as it accepts only the short sequences where it is the fastest;
+# kernels of installed packages join before the math fallback when first asked for (_load_plugins).
 KERNELS: dict[str, Kernel] = {
     k.name: k for k in (TinyKernel(), CudnnKernel(), FlashKernel(), CpuFlashKernel(), MathKernel())
 }
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Add the kernels of ``mosaic.kernels`` entry points (once); a broken one warns and is skipped."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    found: dict[str, Kernel] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in KERNELS or ep.name in found:
+            continue
+        try:
+            kernel = ep.load()()
+            if not isinstance(kernel, Kernel) or kernel.name != ep.name:
+                raise TypeError(f"{ep.value} is not a mosaic.kernels.Kernel named {ep.name!r}")
+        except Exception as exc:  # a broken plugin must not break the built-in kernels
+            warnings.warn(f"kernel {ep.name!r} ({ep.value}) failed to load: {exc}", RuntimeWarning, stacklevel=3)
+            continue
+        found[ep.name] = kernel
+    if found:
+        math_kernel = KERNELS.pop("math")
+        KERNELS.update(found)
+        KERNELS["math"] = math_kernel
+
+
+def kernel_names() -> list[str]:
+    """Every kernel that can be named: the built-in ones and those of installed packages."""
+    _load_plugins()
+    return list(KERNELS)
+
+
+def get_kernel(name: str) -> Kernel:
+    """The kernel called ``name``; a ``ValueError`` listing the known ones otherwise."""
+    _load_plugins()
+    if name not in KERNELS:
+        raise ValueError(f"kernel {name!r} is not one of {list(KERNELS)} (packages add kernels: mosaic-magi's 'ffa')")
+    return KERNELS[name]
 
 
 def kernel_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> dict[str, list[str]]:
     """For every kernel, why it can't run ``q`` against ``k`` (empty list: it can)."""
+    _load_plugins()
     return {name: kernel.reasons(q, k) for name, kernel in KERNELS.items()}
 
 
-def select_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> Kernel:
-    """The fastest kernel that accepts ``q`` (against ``k``), or the one ``MOSAIC_KERNEL`` names."""
-    forced = os.environ.get("MOSAIC_KERNEL")
-    if forced:
-        if forced not in KERNELS:
-            raise ValueError(f"MOSAIC_KERNEL={forced!r} is not one of {list(KERNELS)}")
-        reasons = KERNELS[forced].reasons(q, k)
+def select_kernel(q: torch.Tensor, k: torch.Tensor | None = None, name: str | None = None) -> Kernel:
+    """The kernel ``name`` (else the one ``MOSAIC_KERNEL`` names, else the first automatic one that accepts
+    ``q`` against ``k``); a named kernel that can't run the input is an error saying why."""
+    source = f"kernel={name!r}" if name else "MOSAIC_KERNEL=" + os.environ.get("MOSAIC_KERNEL", "")
+    name = name or os.environ.get("MOSAIC_KERNEL")
+    if name:
+        try:
+            kernel = get_kernel(name)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+        reasons = kernel.reasons(q, k)
         if reasons:
-            raise RuntimeError(f"MOSAIC_KERNEL={forced} can't run this input: {'; '.join(reasons)}")
-        return KERNELS[forced]
+            raise RuntimeError(f"{source} can't run this input: {'; '.join(reasons)}")
+        return kernel
     for kernel in KERNELS.values():
-        if not kernel.reasons(q, k):
+        if kernel.automatic and not kernel.reasons(q, k):
             return kernel
     raise AssertionError("the math kernel accepts every input")
 
@@ -338,7 +413,13 @@ def default_scale(head_dim: int) -> float:
 
 
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, KernelCall | None]:
     """Attention of ``q`` over ``k, v``: ``(out, lse, call)``.
 
@@ -347,6 +428,7 @@ def attention_forward(
         k, v: ``(B, Hkv, S, d)`` with ``H % Hkv == 0``.
         causal: top-left causal mask (query row ``i`` sees key rows ``<= i``).
         scale: softmax scale, default ``1/sqrt(d)``.
+        kernel: the kernel to use (:func:`select_kernel`); default the fastest that accepts the input.
 
     Returns:
         ``out`` ``(B, H, L, d)`` in q's dtype, ``lse`` ``(B, H, L)`` in :func:`lse_dtype`
@@ -357,22 +439,22 @@ def attention_forward(
     if length == 0 or k.shape[2] == 0:
         out = q.new_zeros(q.shape)
         return out, torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device), None
-    kernel = select_kernel(q, k)
-    width = _round_up(d, kernel.pad_head_dim_to)
+    chosen = select_kernel(q, k, kernel)
+    width = _round_up(d, chosen.pad_head_dim_to)
     qp, kp, vp = (_pad_last(t, width) for t in (q, _expand_heads(k, h), _expand_heads(v, h)))
-    step = kernel.max_batch(h, length, k.shape[2])
+    step = chosen.max_batch(h, length, k.shape[2])
     if step >= b:
-        out, lse, aux = kernel.forward(qp, kp, vp, causal, scale)
+        out, lse, aux = chosen.forward(qp, kp, vp, causal, scale)
         auxes: tuple[Any, ...] = (aux,)
     else:
         out = qp.new_empty(qp.shape)
         lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
         aux_list = []
         for s in _chunks(b, step):
-            out[s], lse[s], aux = kernel.forward(qp[s], kp[s], vp[s], causal, scale)
+            out[s], lse[s], aux = chosen.forward(qp[s], kp[s], vp[s], causal, scale)
             aux_list.append(aux)
         auxes = tuple(aux_list)
-    return out[..., :d], lse.to(lse_dtype(q.dtype)), KernelCall(kernel.name, auxes)
+    return out[..., :d], lse.to(lse_dtype(q.dtype)), KernelCall(chosen.name, auxes)
 
 
 def attention_backward(
@@ -397,7 +479,7 @@ def attention_backward(
     if call is None:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     scale = default_scale(d) if scale is None else scale
-    kernel = KERNELS[call.kernel]
+    kernel = get_kernel(call.kernel)
     width = _round_up(d, kernel.pad_head_dim_to)
     qp, kp, vp, op, dop = (
         _pad_last(t, width) for t in (q, _expand_heads(k, h), _expand_heads(v, h), out.to(q.dtype), dout.to(q.dtype))

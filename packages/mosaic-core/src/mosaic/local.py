@@ -10,10 +10,31 @@ import torch.nn.functional as F
 from .backend import Backend, Capabilities, Plan
 from .blockwise import Piece, SpanAttention, blocks, cut_spans
 from .cost import Cost, attention_flops
-from .kernels import CUDA_MAX_BATCH_HEADS
+from .kernels import CUDA_MAX_BATCH_HEADS, get_kernel
+from .options import Options
 from .problem import AttentionProblem
 
-__all__ = ["LocalBackend", "SpanPlan", "span_plan"]
+__all__ = ["LocalBackend", "LocalOptions", "SpanPlan", "span_plan"]
+
+
+@dataclass(frozen=True)
+class LocalOptions(Options):
+    """Options of ``local``.
+
+    Args:
+        kernel: the block kernel every call uses, by name (:func:`mosaic.kernels.kernel_names`:
+            ``"cudnn"``, ``"flash"``, ``"tiny"``, ``"math"``, ... and those of installed packages,
+            e.g. mosaic-magi's ``"ffa"``). ``None`` (default): the fastest that accepts each input.
+            A named kernel that can't run an input raises, saying why.
+    """
+
+    kernel: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernel is not None:
+            if not isinstance(self.kernel, str):
+                raise ValueError(f"option kernel must be a kernel's name or None, got {self.kernel!r}")
+            get_kernel(self.kernel)  # an unknown name lists the known ones
 
 
 class LocalBackend(Backend):
@@ -21,11 +42,12 @@ class LocalBackend(Backend):
 
     name = "local"
     capabilities = Capabilities(distributed=False, dropout=True)
+    Options = LocalOptions
 
     def plan(self, problem: AttentionProblem) -> Plan:
         if problem.dropout > 0:
             return DropoutPlan(problem, _local_cost(problem))
-        return span_plan(problem)
+        return span_plan(problem, getattr(problem.options, "kernel", None))
 
 
 @dataclass(frozen=True)
@@ -33,16 +55,17 @@ class SpanPlan(Plan):
     """Every key is local: one plan of blocks (:func:`mosaic.blockwise.blocks`) over this rank's rows."""
 
     pieces: tuple[Piece, ...]
+    kernel: str | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return SpanAttention.apply(q, k, v, list(self.pieces), self.problem.scale)
+        return SpanAttention.apply(q, k, v, list(self.pieces), self.problem.scale, self.kernel)
 
 
-def span_plan(problem: AttentionProblem) -> SpanPlan:
-    """The local plan of ``problem`` (also a distributed strategy's plan on a group of one)."""
+def span_plan(problem: AttentionProblem, kernel: str | None = None) -> SpanPlan:
+    """The local plan of ``problem`` (also a distributed strategy's plan on a group of one), on ``kernel``."""
     p = problem
     pieces = blocks(p.q_spans, p.kv_spans(), causal=p.causal, kv_len=p.kv_len)
-    return SpanPlan(p, _local_cost(p), tuple(pieces))
+    return SpanPlan(p, _local_cost(p), tuple(pieces), kernel)
 
 
 def _local_cost(p: AttentionProblem) -> Cost:

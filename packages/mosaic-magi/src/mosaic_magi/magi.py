@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.util import find_spec
@@ -52,7 +53,16 @@ from mosaic.problem import AttentionProblem
 
 from .mask import FFA_HEAD_DIMS, PackedMask, pack_mask, padded_head_dim
 
-__all__ = ["INSTALL_HINT", "MagiBackend", "MagiOptions", "MagiPlan", "is_installed", "load_api", "magi_cost"]
+__all__ = [
+    "INSTALL_HINT",
+    "MagiBackend",
+    "MagiOptions",
+    "MagiPlan",
+    "gpu_reasons",
+    "is_installed",
+    "load_api",
+    "magi_cost",
+]
 
 INSTALL_HINT = (
     "MagiAttention is not installed; it is not on the package index: build it from its source "
@@ -66,8 +76,8 @@ _MAX_TOKENS = 2**31 - 1
 # MagiAttention's MAGI_ATTENTION_MIN_CHUNKS_PER_RANK (magi_attention.env.general.min_chunks_per_rank), read
 # here without importing it so that planning (which backend="auto" does for every candidate) needs no import.
 _MIN_CHUNKS_ENV, _MIN_CHUNKS_DEFAULT = "MAGI_ATTENTION_MIN_CHUNKS_PER_RANK", 8
-# FFA at the padded head dim against cuDNN at the problem's, fwd + bwd: 977 ms (d 64) against 997 ms (d 24) on
-# nanoTabPFN's row shape, one H200 (docs/magi.md); other shapes not measured yet, so taken as even.
+# The engine at P = 1 against cuDNN, fwd + bwd, one H200 (docs/magi.md): 2 % faster on nanoTabPFN's row shape,
+# 0-10 % slower on DESIGN.md §6's: taken as even.
 _FFA_VS_CUDNN = 1.0
 
 
@@ -112,12 +122,21 @@ def load_api() -> types.ModuleType:
     return api
 
 
-def _import_error() -> str | None:
+def gpu_reasons(device: torch.device, load: Callable[[], object]) -> list[str]:
+    """Why MagiAttention can't run on ``device`` once installed: not Hopper, or ``load()`` (its import) fails."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return []
+    capability = torch.cuda.get_device_capability(device)
+    if capability != _CAPABILITY:
+        return [
+            f"MagiAttention's FFA kernels need compute capability {_CAPABILITY} (Hopper, sm_90), "
+            f"the GPU has {capability}"
+        ]
     try:
-        load_api()
+        load()
     except Exception as exc:  # a broken build must become a reason, not a stack trace
-        return f"MagiAttention failed to import ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-    return None
+        return [f"MagiAttention failed to import ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"]
+    return []
 
 
 class MagiBackend(Backend):
@@ -139,16 +158,7 @@ class MagiBackend(Backend):
 
     def extra_reasons(self, problem: AttentionProblem) -> list[str]:
         p = problem
-        reasons = self.environment_reasons()
-        if not reasons and p.device.type == "cuda" and torch.cuda.is_available():
-            capability = torch.cuda.get_device_capability(p.device)
-            if capability != _CAPABILITY:
-                reasons.append(
-                    f"MagiAttention's FFA kernels need compute capability {_CAPABILITY} (Hopper, sm_90), "
-                    f"the GPU has {capability}"
-                )
-            elif error := _import_error():
-                reasons.append(error)
+        reasons = self.environment_reasons() or gpu_reasons(p.device, load_api)
         if p.group is None:
             reasons.append(
                 "needs torch.distributed initialised: MagiAttention takes the sp group as its cp group "
