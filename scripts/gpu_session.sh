@@ -58,13 +58,14 @@ memory() {  # one GPU: the kernels again, the memory and feature-attention bench
     --inference-rows-list 150000 1000000 --out $OUT/inference.json"
 }
 
-kernels() {  # about 8 minutes on one H200
+kernels() {  # about 9 minutes on one H200
   step kernels 150 python3 -m pytest -q packages/mosaic-core/tests/test_kernels.py packages/mosaic-core/tests/test_tiny.py -k "cuda or tiny"
   step bench_memory 90 bash -c "cd benchmarks && python3 bench_memory.py --out $OUT/memory.json --snapshot /tmp/snapshots"
   for f in /tmp/snapshots/*.pickle; do echo "== $f"; python3 benchmarks/memory_peak.py "$f"; done > "$OUT/memory_peak.txt"
   step check_P1 80 torchrun --nproc_per_node=1 tests/gpu/check_backends.py --out "$OUT"
   step magi 90 torchrun --nproc_per_node=1 tests/gpu/check_magi.py --out "$OUT"
   step magi_bench 150 torchrun --nproc_per_node=1 tests/gpu/check_magi.py --bench --out "$OUT"
+  step ffa_kernel 90 torchrun --nproc_per_node=1 tests/gpu/check_magi.py --ffa-kernel --out "$OUT"
 }
 
 capacity() {  # about 8 minutes on one H200: single steps at large sizes (each grows as rows^2); the first,

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=P tests/gpu/check_magi.py [--out DIR]            # correctness
     torchrun --nproc_per_node=1 tests/gpu/check_magi.py --bench [--out DIR]    # timings, one GPU
+    torchrun --nproc_per_node=1 tests/gpu/check_magi.py --ffa-kernel [--out DIR]  # local(kernel="ffa")
 
 Needs MagiAttention (docs/magi.md) on Hopper. Correctness: every standard
 conformance case the engine declares it runs (``mosaic.testing.STANDARD_CASES``)
@@ -83,9 +84,9 @@ def _judge(errors: dict[str, float]) -> tuple[float, dict[str, float]]:
     return max(errors[k] / limits[k] for k in limits), limits
 
 
-def _run_cases(ctx: mosaic.Context, rows: list[dict]) -> int:
+def _run_cases(ctx: mosaic.Context, rows: list[dict], backend: str = ENGINE, options: dict | None = None) -> int:
     failed = 0
-    kept, skipped = cases_for(ENGINE, ctx.sp_size)
+    kept, skipped = cases_for(backend, ctx.sp_size)
     standard = [
         (f"std: {c.name}", dict(shape=c.shape, attention_axis=c.axis, num_heads=c.num_heads,
                                 num_kv_heads=c.num_kv_heads, kv_len=c.kv_len_for(ctx.sp_size), causal=c.causal,
@@ -100,7 +101,9 @@ def _run_cases(ctx: mosaic.Context, rows: list[dict]) -> int:
         row: dict = {"P": ctx.sp_size, "case": label, "dtype": str(dtype)[6:]}
         try:
             start = time.perf_counter()
-            errors = compare_with_local(ENGINE, **kwargs, dtype=dtype, reference_dtype=torch.float32)
+            errors = compare_with_local(
+                backend, **kwargs, backend_options=options, dtype=dtype, reference_dtype=torch.float32
+            )
             row["seconds"] = round(time.perf_counter() - start, 2)
         except Exception as exc:  # report the case and go on; every rank raises alike
             row.update(status=f"ERROR {type(exc).__name__}: {exc}".splitlines()[0][:200])
@@ -285,6 +288,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--bench", action="store_true", help="timings instead of correctness")
+    parser.add_argument("--ffa-kernel", action="store_true", help="the cases on local with kernel='ffa' (one GPU)")
     args = parser.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
@@ -304,14 +308,17 @@ def main() -> int:
         dist.destroy_process_group()
         return 0
     rows: list[dict] = []
-    mosaic.MultiAxisAttention(128, 2, 1, backend=ENGINE)
-    early = sorted(m for m in sys.modules if m.split(".")[0] == "magi_attention")
     failed = 0
-    rows.append({"P": world, "case": "lazy import", "status": "ok" if not early else f"FAIL: imported {early[:3]}"})
-    failed += bool(early)
-    failed += _run_cases(ctx, rows)
-    failed += _run_refusals(ctx, rows)
-    failed += _check_layout_kept(ctx, rows)
+    if args.ffa_kernel:  # local with kernel="ffa" on the whole tensor, the same cases
+        failed += _run_cases(ctx, rows, "local", {"kernel": "ffa"})
+    else:
+        mosaic.MultiAxisAttention(128, 2, 1, backend=ENGINE)
+        early = sorted(m for m in sys.modules if m.split(".")[0] == "magi_attention")
+        rows.append({"P": world, "case": "lazy import", "status": "ok" if not early else f"FAIL: imported {early}"})
+        failed += bool(early)
+        failed += _run_cases(ctx, rows)
+        failed += _run_refusals(ctx, rows)
+        failed += _check_layout_kept(ctx, rows)
     flag = torch.tensor([failed], device="cuda")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
@@ -320,7 +327,7 @@ def main() -> int:
         for r in rows:
             if "traceback" in r:
                 print(f"--- {r['case']} (P={r['P']}) ---\n{r['traceback']}")
-        name = f"magi_P{world}.json"
+        name = "ffa_kernel_P1.json" if args.ffa_kernel else f"magi_P{world}.json"
         with open(os.path.join(args.out, name), "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
         print(f"{int(flag.item())} failed (max over ranks); wrote {name}")
