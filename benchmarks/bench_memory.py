@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from _timing import gpu_name
+from _timing import gpu_name, median_ms
 
 import mosaic
 from mosaic import kernels
@@ -37,16 +37,8 @@ def _measure(step, reps: int) -> tuple[float, float]:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return sorted(times)[len(times) // 2], peak
+    ms = median_ms(step, warmup=0, repeats=reps)
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def _snapshot(step, path: Path) -> None:

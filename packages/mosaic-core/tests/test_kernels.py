@@ -191,3 +191,9 @@ def test_named_kernel_and_local_option(forced):
     ref = mosaic.MultiAxisAttention(8, 2, 1)
     ref.load_state_dict(attn.state_dict())
     torch.testing.assert_close(attn(x, kv_len=3), ref(x, kv_len=3), rtol=1e-5, atol=1e-6)
+    dropping = mosaic.MultiAxisAttention(8, 2, 1, dropout=0.1, backend_options={"kernel": "math"})
+    with pytest.raises(ValueError, match="kernel='math' can't apply attention dropout"):
+        dropping(x)
+    dropping.eval()  # no dropout: the named kernel runs
+    ref.load_state_dict(dropping.state_dict())
+    torch.testing.assert_close(dropping(x), ref(x), rtol=1e-5, atol=1e-6)

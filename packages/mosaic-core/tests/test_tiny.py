@@ -296,8 +296,8 @@ def test_offsets_past_2_to_the_31(forced):
     """batch' x heads x L x d > 2**31 elements: every memory offset must be 64-bit."""
     heads, length, d = 4, 11, 24
     b = (1 << 31) // (heads * length * d) + 64
-    if torch.cuda.mem_get_info()[0] < 30 << 30:
-        pytest.skip("needs 30 GiB of free GPU memory")
+    if (free := torch.cuda.mem_get_info()[0]) < 30 << 30:
+        pytest.skip(f"tensors past 2**31 elements need 30 GiB of free GPU memory, this GPU has {free / 2**30:.1f}")
     q = torch.randn(b, heads, length, d, device="cuda", dtype=torch.bfloat16)
     small = torch.randn(2, 1, heads, length, d, device="cuda", dtype=torch.bfloat16)
     k, v = (t.expand(b, heads, length, d) for t in small)  # batch stride 0: no 4 GiB copies

@@ -86,7 +86,8 @@ class KernelCall:
 
 
 class Kernel(ABC):
-    """One fused operator. Inputs arrive with equal heads, padded head dim and last-dim stride 1."""
+    """One fused operator. Inputs arrive with equal heads and the padded head dim, in the strides the caller
+    had (``SpanAttention`` copies them contiguous first unless ``strided_inputs``)."""
 
     name: str = ""
     device_type: str = "cuda"
@@ -139,6 +140,7 @@ def _cuda_reasons(flag: str, min_capability: tuple[int, int]) -> list[str]:
 
 class CudnnKernel(Kernel):
     name = "cudnn"
+    strided_inputs = True  # any strides with 16-byte aligned rows (_aligned); out follows q's memory order
     dtypes = frozenset({torch.float16, torch.bfloat16})
     max_head_dim = 128
     pad_head_dim_to = 8
@@ -148,8 +150,6 @@ class CudnnKernel(Kernel):
         if not torch.backends.cudnn.is_available():
             out.append("cuDNN is not available")
         return out
-
-    strided_inputs = True
 
     def forward(self, q, k, v, causal, scale):
         q, k, v = (_aligned(t) for t in (q, k, v))
@@ -362,21 +362,25 @@ def kernel_reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> dict[str, 
 def select_kernel(q: torch.Tensor, k: torch.Tensor | None = None, name: str | None = None) -> Kernel:
     """The kernel ``name`` (else the one ``MOSAIC_KERNEL`` names, else the first automatic one that accepts
     ``q`` against ``k``); a named kernel that can't run the input is an error saying why."""
-    source = f"kernel={name!r}" if name else "MOSAIC_KERNEL=" + os.environ.get("MOSAIC_KERNEL", "")
-    name = name or os.environ.get("MOSAIC_KERNEL")
     if name:
-        try:
-            kernel = get_kernel(name)
-        except ValueError as exc:
-            raise ValueError(f"{source}: {exc}") from None
-        reasons = kernel.reasons(q, k)
-        if reasons:
-            raise RuntimeError(f"{source} can't run this input: {'; '.join(reasons)}")
-        return kernel
+        return _named(name, q, k, f"kernel={name!r}")
+    if forced := os.environ.get("MOSAIC_KERNEL"):
+        return _named(forced, q, k, f"MOSAIC_KERNEL={forced}")
     for kernel in KERNELS.values():
         if kernel.automatic and not kernel.reasons(q, k):
             return kernel
     raise AssertionError("the math kernel accepts every input")
+
+
+def _named(name: str, q: torch.Tensor, k: torch.Tensor | None, source: str) -> Kernel:
+    try:
+        kernel = get_kernel(name)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    reasons = kernel.reasons(q, k)
+    if reasons:
+        raise RuntimeError(f"{source} can't run this input: {'; '.join(reasons)}")
+    return kernel
 
 
 def _round_up(n: int, multiple: int) -> int:

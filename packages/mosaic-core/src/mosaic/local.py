@@ -45,9 +45,16 @@ class LocalBackend(Backend):
     Options = LocalOptions
 
     def plan(self, problem: AttentionProblem) -> Plan:
+        kernel = getattr(problem.options, "kernel", None)
         if problem.dropout > 0:
+            if kernel is not None:
+                raise ValueError(
+                    f"backend 'local' with kernel={kernel!r} can't apply attention dropout ({problem.dropout}): "
+                    "dropout runs torch's SDPA, which needs the random mask in its backward; drop the kernel "
+                    "option or set dropout=0 (model.eval() turns it off)"
+                )
             return DropoutPlan(problem, _local_cost(problem))
-        return span_plan(problem, getattr(problem.options, "kernel", None))
+        return span_plan(problem, kernel)
 
 
 @dataclass(frozen=True)

@@ -126,14 +126,14 @@ class FfaKernel(Kernel):
         width = padded_head_dim(q.shape[-1])
         q_ranges, k_ranges, types_ = aux
         dq, dk, dv, _ = _ffa()._flex_flash_attn_backward(
-            dout=_pack(dout.to(q.dtype), width),
+            dout=_pack(dout, width),
             q=_pack(q, width),
             k=_pack(k, width),
             v=_pack(v, width),
             sink=None,
             sink_layout="sh",
-            out=_pack(out.to(q.dtype), width),
-            lse=lse.transpose(1, 2).reshape(-1, lse.shape[1]).float().contiguous(),
+            out=_pack(out, width),
+            lse=lse.transpose(1, 2).reshape(-1, lse.shape[1]).contiguous(),
             dq=None,
             dk=None,
             dv=None,
