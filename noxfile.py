@@ -130,27 +130,32 @@ def _gpu_count() -> int:
 
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """GPU tests under torchrun with NCCL on 2 and 4 GPUs (uses the current Python environment)."""
+    """GPU tests (current Python environment): kernels on CUDA (FlashAttention-4's where flash-attn-4 is
+    installed), ``local`` on each kernel against cuDNN's error, every strategy under torchrun on 2 and 4 GPUs
+    (NCCL), or 2 and 4 ranks sharing one GPU where there is one."""
     count = _gpu_count()
-    if count < 2:
-        session.skip(f"needs at least 2 NVIDIA GPUs, found {count}")
+    if count < 1:
+        session.skip("needs an NVIDIA GPU, found none")
     for p in PACKAGES:
         session.run("python", "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(p.path))
-    session.run("python", "-m", "pytest", "-q", str(CORE.tests / "test_kernels.py"), "-k", "cuda")
+    kernel_tests = [str(CORE.tests / name) for name in ("test_kernels.py", "test_tiny.py", "test_fa4_kernel.py")]
+    session.run("python", "-m", "pytest", "-q", *kernel_tests, "-k", "cuda or tiny or fa4")
+    session.run("torchrun", "--nproc_per_node=1", "tests/gpu/check_magi.py", "--kernel", "fa4", *session.posargs)
     for world in (2, 4):
-        if world > count:
-            session.log(f"skipping world size {world}: only {count} GPUs")
-            continue
-        session.run("torchrun", f"--nproc_per_node={world}", "tests/gpu/check_backends.py", *session.posargs)
+        one_gpu = ["--one-gpu"] if world > count else []
+        session.run("torchrun", f"--nproc_per_node={world}", "tests/gpu/check_backends.py", *one_gpu,
+                    "--baseline-kernel", "cudnn", *session.posargs)  # fmt: skip
 
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """The sequence-parallel benchmark under torchrun on every GPU (current Python environment)."""
+    """The kernel benchmark and the sequence-parallel benchmark on every GPU, Mosaic's kernels beside cuDNN."""
     count = _gpu_count()
-    if count < 2:
-        session.skip(f"needs at least 2 NVIDIA GPUs, found {count}")
-    session.run("torchrun", f"--nproc_per_node={count}", "benchmarks/bench_sp.py", *session.posargs)
+    if count < 1:
+        session.skip("needs an NVIDIA GPU, found none")
+    session.run("python", "benchmarks/bench_kernels.py", "--packed")
+    session.run("torchrun", f"--nproc_per_node={count}", "benchmarks/bench_sp.py", "--kernels", "auto", "cudnn",
+                *session.posargs)  # fmt: skip
 
 
 @nox.session

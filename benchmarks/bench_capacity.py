@@ -13,12 +13,14 @@ that fits the card, reported as ``predicted_max_rows`` beside the largest that
 ran. Prints a table and writes JSON; ``plot_capacity.py`` draws it.
 
     python benchmarks/bench_capacity.py --out capacity.json
+    python benchmarks/bench_capacity.py --modes inference --inference-rows-list 150000 1000000 --kernels fa4 cudnn
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 import mosaic
+from mosaic import kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "nanotabpfn"))
 
@@ -68,12 +71,24 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=10)
     parser.add_argument("--inference-rows", type=int, default=65_536, help="chunk of the row-local parts")
     parser.add_argument("--time-limit", type=float, default=240.0, help="seconds a mode may take in all")
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["auto"],
+        help="block kernels to run every mode on, side by side (auto: Mosaic's choice; e.g. fa4 cudnn)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ctx = mosaic.init()
     total = torch.cuda.get_device_properties(ctx.device).total_memory / 2**30
     found = {}
-    for mode in args.modes:
+    runs = [(mode, kernel) for kernel in args.kernels for mode in args.modes]
+    for mode, kernel in runs:
+        if kernel == "auto":
+            os.environ.pop("MOSAIC_KERNEL", None)
+        else:
+            os.environ["MOSAIC_KERNEL"] = kernel
+        label = mode if len(args.kernels) == 1 else f"{mode}@{kernel}"
         points, began = [], time.perf_counter()
         for rows in args.inference_rows_list if mode.startswith("inference") else args.rows:
             if time.perf_counter() - began > args.time_limit:
@@ -86,15 +101,17 @@ def main() -> None:
                 break
             p = points[-1]
             line = f"{p['rows']:>10}{p['seconds']:>10.2f} s{p['rows_per_s']:>12.0f} rows/s{p['peak_gib']:>8.2f} GiB"
-            print(f"{mode:<16}{line}")
-        found[mode] = {
+            print(f"{label:<24}{line}")
+        found[label] = {
+            "kernel": kernel,
             "points": points,
             "largest_run": max((p["rows"] for p in points), default=None),
             "predicted_max_rows": _fit(points, 0.95 * total),
         }
-        print(f"{mode}: largest run {found[mode]['largest_run']}, predicted max {found[mode]['predicted_max_rows']}")
+        print(f"{label}: largest run {found[label]['largest_run']}, predicted max {found[label]['predicted_max_rows']}")
         if args.out:  # after every mode, so a run stopped by a time limit keeps what it measured
-            result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "total_gib": total}
+            result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "total_gib": total,
+                      "flash-attn-4": kernels.fa4.installed_version() or "not installed"}  # fmt: skip
             Path(args.out).write_text(json.dumps({**result, "modes": found}, indent=1) + "\n")
     mosaic.shutdown()
 

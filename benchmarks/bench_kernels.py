@@ -1,10 +1,13 @@
 """Single-GPU kernel benchmark: Mosaic's block kernels against torch SDPA, fwd+bwd.
 
 For each shape it times ``F.scaled_dot_product_attention`` pinned to each
-fused backend, plain batched matmuls with an fp32 softmax, and Mosaic's
-``local`` path with each of its kernels, and checks that Mosaic's choice is
-the fastest. ``--packed`` hands q, k, v over as views of one ``(B, L, 3, H, d)``
-projection, as MultiAxisAttention does; ``--tiny-configs`` also sweeps the tiny
+fused backend, plain batched matmuls with an fp32 softmax, FlashAttention-4's
+own ``flash_attn_func`` (when flash-attn-4 is installed), and Mosaic's
+``local`` path with each of its kernels (``fa4``, ``cudnn``, ``flash``,
+``tiny``), and checks that Mosaic's choice is the fastest. The ``rows_*``
+shapes are nanoTabPFN's row attention: queries over a key prefix. ``--packed``
+hands q, k, v over as views of one ``(B, L, 3, H, d)`` projection, as
+MultiAxisAttention does; ``--tiny-configs`` also sweeps the tiny
 kernel's tile shapes (forward alone and forward + backward). Prints a table and
 writes JSON.
 
@@ -23,10 +26,14 @@ import torch.nn.functional as F
 from _timing import fwd_bwd_ms, gpu_name, median_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mosaic import kernels, tiny
+from mosaic import kernels
 from mosaic.blockwise import span_attention
+from mosaic.kernels import tiny
 
 SHAPES = {
+    # nanoTabPFN's row attention at 150,000 rows: 11 columns, every row attends to the 75,000 train rows.
+    "rows_b11_L150k_kv75k": (11, 4, 150000, 24, 75000),
+    "rows_b11_L50k_kv25k": (11, 4, 50000, 24, 25000),
     "tabpfn_b5_L64k": (5, 4, 65536, 24),
     "tabpfn_b160_L16k": (160, 4, 16384, 24),
     "llm_b1_h16_L64k": (1, 16, 65536, 128),
@@ -73,12 +80,15 @@ class _TinyWith(torch.autograd.Function):
         return (*tiny.backward(dout, q, k, v, out, lse, config=ctx.config), None)
 
 
-def _inputs(shape: tuple[int, int, int, int], packed: bool) -> tuple[torch.Tensor, ...]:
-    b, h, n, d = shape
-    if packed:
+def _inputs(shape: tuple[int, ...], packed: bool) -> tuple[torch.Tensor, ...]:
+    """q ``(b, h, n, d)`` and k, v ``(b, h, kv, d)`` (``kv`` = ``n`` unless the shape gives it)."""
+    b, h, n, d, kv = (*shape, shape[2])[:5]
+    if packed:  # q, k, v from one projection of the n rows; the keys are its first kv rows, as with kv_len
         qkv = torch.randn(b, n, 3, h, d, device="cuda", dtype=torch.bfloat16)
-        return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
-    return tuple(torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return q, k[:, :, :kv], v[:, :, :kv]
+    q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+    return q, *(torch.randn(b, h, kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 
 
 def _tiny_grads(q, k, v, grad, config) -> tuple[torch.Tensor, ...]:
@@ -127,12 +137,22 @@ def _mosaic(kernel: str | None):
         if kernel:
             os.environ["MOSAIC_KERNEL"] = kernel
         try:
-            n = q.shape[2]
-            return span_attention(q, k, v, ((0, n),), ((0, n),), scale=q.shape[-1] ** -0.5)
+            return span_attention(q, k, v, ((0, q.shape[2]),), ((0, k.shape[2]),), scale=q.shape[-1] ** -0.5)
         finally:
             os.environ.pop("MOSAIC_KERNEL", None)
 
     return run
+
+
+def _fa4_direct(q, k, v):
+    """FlashAttention-4's own ``flash_attn_func`` on the (b, n, h, d) memory of q, k, v: the target to match."""
+    from flash_attn.cute import flash_attn_func
+
+    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0].transpose(1, 2)
+
+
+def _fa4_installed() -> bool:
+    return not kernels.get_kernel("fa4").unavailable(torch.device("cuda"))
 
 
 def main() -> None:
@@ -142,15 +162,19 @@ def main() -> None:
     parser.add_argument("--packed", action="store_true", help="q, k, v as views of one (B, L, 3, H, d) projection")
     parser.add_argument("--tiny-configs", action="store_true", help="also sweep the tiny kernel's tile shapes")
     args = parser.parse_args()
-    results: dict[str, object] = {"gpu": gpu_name(), "torch": torch.__version__, "packed": args.packed}
+    fa4 = kernels.fa4.installed_version() or "not installed"
+    results: dict[str, object] = {"gpu": gpu_name(), "torch": torch.__version__, "flash-attn-4": fa4}
+    results["packed"] = args.packed
     print(f"{'shape':22s} {'variant':24s} {'ms':>10s}")
     for name in args.shapes:
         q, k, v = _inputs(SHAPES[name], args.packed)
         mosaic = {
             "mosaic_auto": _mosaic(None),
-            **{f"mosaic_{kname}": _mosaic(kname) for kname in ("cudnn", "flash", "tiny")},
+            **{f"mosaic_{kname}": _mosaic(kname) for kname in ("fa4", "cudnn", "flash", "tiny")},
             "bmm_fp32_softmax": _bmm_fp32_softmax,
         }
+        if _fa4_installed():
+            mosaic["fa4_direct"] = _fa4_direct
         raw = {
             "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
             "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
@@ -167,8 +191,8 @@ def main() -> None:
         _time(name, raw, q, k, v, results)
         del q, k, v
         torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+        with open(args.out, "w") as f:  # after every shape: a run stopped by a time limit keeps what it measured
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ median of repeats timed with CUDA events (rank 0's clock after a barrier):
 
 - ``1gpu_cudnn`` / ``1gpu_flash``: ``F.scaled_dot_product_attention`` on the
   whole problem on one GPU (every rank runs it on its own GPU at once, as the
-  baseline script in shared/bench did); ``ideal = best 1-GPU / P``.
+  baseline script in shared/bench did), and ``1gpu_fa4``: FlashAttention-4's
+  ``flash_attn_func`` where flash-attn-4 is installed; ``ideal = best 1-GPU / P``.
+- ``--kernels auto cudnn`` times every strategy on Mosaic's kernel choice and
+  with every block on cuDNN (``MOSAIC_KERNEL=cudnn``), side by side.
 - Mosaic strategies: ``mosaic.attention`` on this rank's shard in the
   canonical layout (no projections; the guard's agreement and the cached plan
   included), as installed: ring, allgather, mesh2d, ulysses, composed,
@@ -121,6 +124,13 @@ def _one_gpu(shape: Shape, reps: int) -> dict[str, float]:
             out[name] = fwd_bwd_ms(attn, q, k, v, sync=_barrier, warmup=1, repeats=reps)
         except RuntimeError as exc:
             _log(f"  {name} failed: {str(exc)[:100]}")
+    if not mosaic.kernels.get_kernel("fa4").unavailable(q.device):
+        from flash_attn.cute import flash_attn_func
+
+        def fa4(q, k, v):  # FlashAttention-4 itself on the (b, n, h, d) layout it takes
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0]
+
+        out["1gpu_fa4"] = fwd_bwd_ms(fa4, q, k, v, sync=_barrier, warmup=1, repeats=reps)
     return out
 
 
@@ -195,12 +205,25 @@ def main() -> None:
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the 1-GPU kernels, torch CP and ring memory (A/B runs)"
     )
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["auto"],
+        help="block kernels to time every strategy on (auto: Mosaic's choice; e.g. auto cudnn)",
+    )
     args = parser.parse_args()
     ctx = mosaic.init(sp_size=int(os.environ["WORLD_SIZE"]))
     world = ctx.sp_size
-    results: dict[str, object] = {"gpu": gpu_name(), "torch": torch.__version__, "world": world}
+    results: dict[str, object] = {
+        "gpu": gpu_name(),
+        "torch": torch.__version__,
+        "world": world,
+        "flash-attn-4": mosaic.kernels.fa4.installed_version() or "not installed",
+    }
     strategies = _strategies(world)
     chosen = args.strategies or _default_strategies(strategies)
+    runs = [(name, kernel) for name in chosen for kernel in args.kernels]
+    labels = [name if len(args.kernels) == 1 else f"{name}@{kernel}" for name, kernel in runs]
     table = []
     kernels = (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))
     for shape in (s for s in SHAPES if s.name in args.shapes):
@@ -209,13 +232,19 @@ def main() -> None:
         if not args.no_baselines:
             row.update(_one_gpu(shape, args.reps))
         torch.cuda.empty_cache()
-        for name in chosen:
+        for (name, kernel), label in zip(runs, labels, strict=True):
             config = strategies[name]
+            os.environ.pop("MOSAIC_KERNEL", None)
+            if kernel != "auto":
+                os.environ["MOSAIC_KERNEL"] = kernel
             try:
                 ms, received, outside, peak = _mosaic(ctx, shape, config, args.reps)
-            except (mosaic.BackendUnavailable, mosaic.BackendNotSupported) as exc:
-                _log(f"  {name}: skipped ({str(exc).splitlines()[-1].strip()[:100]})")
+            except (mosaic.BackendUnavailable, mosaic.BackendNotSupported, RuntimeError) as exc:
+                _log(f"  {label}: skipped ({str(exc).splitlines()[-1].strip()[:100]})")
                 continue
+            finally:
+                os.environ.pop("MOSAIC_KERNEL", None)
+            name = label
             row[name] = ms
             row[f"{name}_bytes_recv_per_rank"] = received
             row[f"{name}_bytes_from_other_nodes"] = outside
@@ -238,7 +267,7 @@ def main() -> None:
         results[shape.name] = row
     if not args.no_baselines:
         results["ring_memory"] = _ring_memory(ctx, args.memory_base)
-    _print_table(table, world, chosen)
+    _print_table(table, world, labels)
     if ctx.rank == 0:
         path = os.path.join(args.out, f"bench_sp_P{world}.json")
         with open(path, "w") as f:
@@ -264,15 +293,19 @@ def _print_table(table: list[dict], world: int, strategies: list[str]) -> None:
         return
     print(f"\n{'shape':24s} {'variant':22s} {'ms':>9s} {'% ideal':>8s} {'vs CP best':>10s}")
     for row in table:
-        one = [row[k] for k in ("1gpu_cudnn", "1gpu_flash") if k in row]
+        one = [row[k] for k in ("1gpu_cudnn", "1gpu_flash", "1gpu_fa4") if k in row]
         ideal = min(one) / world if one else float("nan")
         cp = [row[k] for k in ("torchCP_cudnn", "torchCP_flash") if k in row]
         cp_best = min(cp) if cp else float("nan")
         print(f"{row['shape']:24s} {'ideal (best 1-GPU / P)':22s} {ideal:9.2f}")
-        for name in ("1gpu_cudnn", "1gpu_flash", *strategies, "torchCP_cudnn", "torchCP_flash"):
+        for name in ("1gpu_cudnn", "1gpu_flash", "1gpu_fa4", *strategies, "torchCP_cudnn", "torchCP_flash"):
             if name in row:
                 ms = row[name]
                 print(f"{'':24s} {name:22s} {ms:9.2f} {100 * ideal / ms:7.1f}% {cp_best / ms:9.2f}x")
+        for name in strategies:  # a strategy on Mosaic's kernels against the same strategy on cuDNN blocks
+            base = name.split("@")[0]
+            if name.endswith("@auto") and f"{base}@cudnn" in row and name in row:
+                print(f"{'':24s} {base}: {row[f'{base}@cudnn'] / row[name]:.2f}x faster than on cuDNN blocks")
         if "auto" in row:
             measured = {name: row[name] for name in strategies if name in row and name != "auto"}
             best = min(measured, key=measured.get)

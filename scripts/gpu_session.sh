@@ -6,6 +6,9 @@
 #   scripts/gpu_session.sh kernels # one GPU: kernels (ffa included), every strategy at P = 1, magi, memory
 #   scripts/gpu_session.sh capacity  # one GPU: inference at 3x10^6 rows, training near the largest size
 #   scripts/gpu_session.sh checkpoint_large  # one GPU: a checkpointed training step at 1.2x10^6 rows
+#   scripts/gpu_session.sh one_gpu_cudnn     # one GPU: every strategy at P = 2 and 4 (staged gloo), cuDNN blocks
+#   scripts/gpu_session.sh fa4_kernels       # one GPU, flash-attn-4 installed: kernel tests, FA4 vs cuDNN errors, timings
+#   scripts/gpu_session.sh fa4_model         # one GPU, flash-attn-4 installed: nanoTabPFN step and inference, FA4 vs cuDNN
 # Logs and JSON go to $OUT. Expects the wheels of ../shared/wheels copied to .whl/ (ring-flash-attn, flash-attn,
 # MagiAttention with its JIT cache); every step has a time limit so one slow step cannot eat the call.
 set -u
@@ -101,6 +104,41 @@ bench() {
   step nanotabpfn_150k_P1 300 python3 $train --rows 150000 $args --bench-steps 5 --bench-warmup 1
   step nanotabpfn_1M_P$GPUS 600 torchrun --nproc_per_node=$GPUS $train --rows 1000000 $args --checkpoint-layers \
     --bench-steps 3 --bench-warmup 1
+}
+
+# FlashAttention-4 (issue 24). flash-attn-4 is installed by ../shared/wheels/fa4's two calls (README there);
+# the phases after it run with it installed, every comparison against cuDNN in the same call.
+kernel_tests() {  # the kernel tests on CUDA (fa4's run where flash-attn-4 is installed)
+  step kernels 200 python3 -m pytest -q packages/mosaic-core/tests/test_kernels.py \
+    packages/mosaic-core/tests/test_tiny.py packages/mosaic-core/tests/test_fa4_kernel.py -k "cuda or tiny or fa4"
+}
+
+one_gpu_cudnn() {  # every strategy at P = 2 and 4 on one GPU (gloo, CUDA staged through the host), cuDNN blocks
+  for world in 2 4; do
+    step "one_gpu_P${world}_cudnn" 200 env MOSAIC_KERNEL=cudnn torchrun --nproc_per_node=$world \
+      tests/gpu/check_backends.py --one-gpu --out "$OUT"
+  done
+}
+
+fa4_kernels() {  # about 9 minutes: kernel tests (fa4 included), correctness against cuDNN's error, kernel timings
+  kernel_tests
+  step fa4_local 100 torchrun --nproc_per_node=1 tests/gpu/check_magi.py --kernel fa4 --out "$OUT"
+  step check_P1_fa4 90 torchrun --nproc_per_node=1 tests/gpu/check_backends.py --baseline-kernel cudnn --out "$OUT"
+  step bench_memory 70 bash -c "cd benchmarks && python3 bench_memory.py --out $OUT/memory.json"
+  step bench_kernels 120 bash -c "cd benchmarks && python3 bench_kernels.py --packed --out $OUT/kernels.json \
+    --shapes rows_b11_L150k_kv75k rows_b11_L50k_kv25k tabpfn_b5_L64k llm_b1_h16_L64k features_b150k_L11"
+  step bench_sp_P1 50 bash -c "cd benchmarks && torchrun --nproc_per_node=1 bench_sp.py --shapes tabpfn_b5_L64k \
+    --reps 3 --no-baselines --kernels auto cudnn --out $OUT"
+}
+
+fa4_model() {  # about 8 minutes: nanoTabPFN's training step and 10^6-row inference, FA4 against cuDNN
+  local train=examples/nanotabpfn/train.py args="--rows 150000 --batch-size 1 --features 10 --bench-steps 5 --bench-warmup 1"
+  step nanotabpfn_150k_fa4 90 python3 $train $args --out-dir "$OUT/nanotabpfn"
+  step nanotabpfn_150k_cudnn 90 python3 $train $args --kernel cudnn --out-dir "$OUT/nanotabpfn"
+  step inference_1M 160 bash -c "cd benchmarks && python3 bench_capacity.py --modes inference \
+    --inference-rows-list 150000 1000000 --kernels auto cudnn --time-limit 150 --out $OUT/inference.json"
+  step one_gpu_P4_fa4 200 torchrun --nproc_per_node=4 tests/gpu/check_backends.py --one-gpu --baseline-kernel cudnn \
+    --out "$OUT"
 }
 
 setup

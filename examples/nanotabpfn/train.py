@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bench.add_argument(
         "--bench-inference", action="store_true", help="time the forward alone under no_grad (predictions)"
     )
+    bench.add_argument(
+        "--kernel", default=None, help="run every attention block on this kernel (MOSAIC_KERNEL), e.g. cudnn or fa4"
+    )
     sharding.add_argument(
         "--inference-rows",
         type=int,
@@ -298,6 +301,7 @@ def bench(args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, opti
         "dp_size": ctx.dp_size,
         "world_size": ctx.world_size,
         "backend": args.backend,
+        "kernel": args.kernel or "auto",
         "bf16": args.bf16,
         "checkpoint_layers": args.checkpoint_layers,
         "inference_rows": args.inference_rows,
@@ -307,7 +311,7 @@ def bench(args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, opti
         **result,
     }
     mode = "infer" if args.bench_inference else ("ckpt" if args.checkpoint_layers else "train")
-    name = f"bench_{mode}_rows{args.rows}_sp{ctx.sp_size}_dp{ctx.dp_size}_{args.backend}.json"
+    name = f"bench_{mode}_rows{args.rows}_sp{ctx.sp_size}_dp{ctx.dp_size}_{args.backend}_{args.kernel or 'auto'}.json"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / name).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
@@ -331,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
         args.bf16 = args.device == "cuda"
     # Each process takes its own GPU; mosaic.init would pick the same one for all from a bare "cuda".
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" else "cpu"
+    if args.kernel:
+        os.environ["MOSAIC_KERNEL"] = args.kernel
     ctx = mosaic.init(sp_size=args.sp_size, device=device)
     try:
         log(

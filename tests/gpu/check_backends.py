@@ -1,6 +1,14 @@
 """GPU correctness of every installed strategy, under torchrun with NCCL.
 
     torchrun --nproc_per_node=4 tests/gpu/check_backends.py [--out DIR]
+    torchrun --nproc_per_node=4 tests/gpu/check_backends.py --one-gpu   # 4 ranks on one GPU (gloo, staged)
+    MOSAIC_KERNEL=cudnn torchrun ... check_backends.py                  # every block on cuDNN
+    torchrun ... check_backends.py --baseline-kernel cudnn              # held against cuDNN's single-GPU error
+
+``--one-gpu`` runs P ranks on GPU 0 over gloo, CUDA tensors staged through host
+memory (``mosaic.comm.staged``): the GPU kernels meet every strategy's
+distributed code path where only one GPU is lent (the engines, which bring
+their own NCCL calls, are left out).
 
 For each backend, dtype (bf16, fp16) and case, the sharded run is compared
 with the unsharded ``local`` run in fp32 (output, input gradients, parameter
@@ -73,12 +81,19 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=2051, help="global length of the attention dim")
     parser.add_argument("--backends", nargs="*", default=None, help="only these backends (default: all installed)")
     parser.add_argument("--cases", nargs="*", default=None, help="only these cases (default: all)")
+    parser.add_argument("--one-gpu", action="store_true", help="every rank on GPU 0, gloo with staged transfers")
+    parser.add_argument("--baseline-kernel", default=None, help="the single-GPU local run's kernel (e.g. cudnn)")
     args = parser.parse_args()
-    ctx = mosaic.init(sp_size=int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.one_gpu:
+        ctx = mosaic.init(sp_size=world, backend="gloo", device="cuda:0")
+    else:
+        ctx = mosaic.init(sp_size=world)
+    engines = {"magi", "ring_flash_attn"}  # their own NCCL calls: not over a staged gloo group
     rows, failed = [], 0
     for label, config in _configs(ctx.sp_size):
         backend = config["backend"]
-        if args.backends is not None and backend not in args.backends:
+        if (args.backends is not None and backend not in args.backends) or (args.one_gpu and backend in engines):
             continue
         try:
             mosaic.get_backend(backend)
@@ -94,8 +109,9 @@ def main() -> int:
                 row = {"backend": label, "case": case, "dtype": str(dtype)[6:]}
                 try:
                     errors = compare_with_local(
-                        **config, **kwargs, dtype=dtype, reference_dtype=torch.float32, autocast=True, seed=len(rows)
-                    )
+                        **config, **kwargs, dtype=dtype, reference_dtype=torch.float32, autocast=True, seed=len(rows),
+                        baseline_kernel=args.baseline_kernel,
+                    )  # fmt: skip
                 except mosaic.BackendNotSupported as exc:
                     row["status"] = "unsupported: " + str(exc).splitlines()[-1].strip()
                     rows.append(row)
@@ -121,10 +137,14 @@ def main() -> int:
                 f"{r['backend']:28s} {r['case']:8s} {r['dtype']:9s} {r['out']:9.2e} {r['local_out']:9.2e} "
                 f"{r['dx']:9.2e} {r['local_dx']:9.2e} {r['params']:9.2e} {r['local_params']:9.2e}  {r['status']}"
             )
-        name = f"gpu_check_P{ctx.sp_size}.json"
+        kernel = os.environ.get("MOSAIC_KERNEL", "auto")
+        name = f"gpu_check_P{ctx.sp_size}{'_one_gpu' if args.one_gpu else ''}_{kernel}.json"
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        info = {"device": device, "torch": torch.__version__, "world": ctx.sp_size, "one_gpu": args.one_gpu,
+                "kernel": kernel, "baseline_kernel": args.baseline_kernel or "auto"}  # fmt: skip
+        print("  ".join(f"{k}: {v}" for k, v in info.items()))
         with open(os.path.join(args.out, name), "w") as f:
-            json.dump({"device": device, "torch": torch.__version__, "world": ctx.sp_size, "rows": rows}, f, indent=1)
+            json.dump({**info, "rows": rows}, f, indent=1)
         print(f"{failed} failed; wrote {name}")
     dist.barrier()
     mosaic.shutdown()

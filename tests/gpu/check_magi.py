@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=P tests/gpu/check_magi.py [--out DIR]            # correctness
     torchrun --nproc_per_node=1 tests/gpu/check_magi.py --bench [--out DIR]    # timings, one GPU
     torchrun --nproc_per_node=1 tests/gpu/check_magi.py --ffa-kernel [--out DIR]  # local(kernel="ffa")
+    torchrun --nproc_per_node=1 tests/gpu/check_magi.py --kernel fa4 [--out DIR]   # local(kernel="fa4")
 
 Needs MagiAttention (docs/magi.md) on Hopper. Correctness: every standard
 conformance case the engine declares it runs (``mosaic.testing.STANDARD_CASES``)
@@ -84,7 +85,9 @@ def _judge(errors: dict[str, float]) -> tuple[float, dict[str, float]]:
     return max(errors[k] / limits[k] for k in limits), limits
 
 
-def _run_cases(ctx: mosaic.Context, rows: list[dict], backend: str = ENGINE, options: dict | None = None) -> int:
+def _run_cases(
+    ctx: mosaic.Context, rows: list[dict], backend: str = ENGINE, options: dict | None = None, baseline_kernel=None
+) -> int:
     failed = 0
     kept, skipped = cases_for(backend, ctx.sp_size)
     standard = [
@@ -102,8 +105,9 @@ def _run_cases(ctx: mosaic.Context, rows: list[dict], backend: str = ENGINE, opt
         try:
             start = time.perf_counter()
             errors = compare_with_local(
-                backend, **kwargs, backend_options=options, dtype=dtype, reference_dtype=torch.float32
-            )
+                backend, **kwargs, backend_options=options, dtype=dtype, reference_dtype=torch.float32,
+                baseline_kernel=baseline_kernel,
+            )  # fmt: skip
             row["seconds"] = round(time.perf_counter() - start, 2)
         except Exception as exc:  # report the case and go on; every rank raises alike
             row.update(status=f"ERROR {type(exc).__name__}: {exc}".splitlines()[0][:200])
@@ -289,7 +293,10 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--bench", action="store_true", help="timings instead of correctness")
     parser.add_argument("--ffa-kernel", action="store_true", help="the cases on local with kernel='ffa' (one GPU)")
+    parser.add_argument("--kernel", default=None, help="the cases on local with this kernel (one GPU), e.g. fa4")
     args = parser.parse_args()
+    if args.ffa_kernel:
+        args.kernel = "ffa"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=TIMEOUT)
@@ -309,8 +316,8 @@ def main() -> int:
         return 0
     rows: list[dict] = []
     failed = 0
-    if args.ffa_kernel:  # local with kernel="ffa" on the whole tensor, the same cases
-        failed += _run_cases(ctx, rows, "local", {"kernel": "ffa"})
+    if args.kernel:  # local with the named kernel on the whole tensor, the same cases, against cuDNN's errors
+        failed += _run_cases(ctx, rows, "local", {"kernel": args.kernel}, baseline_kernel="cudnn")
     else:
         mosaic.MultiAxisAttention(128, 2, 1, backend=ENGINE)
         early = sorted(m for m in sys.modules if m.split(".")[0] == "magi_attention")
@@ -327,7 +334,7 @@ def main() -> int:
         for r in rows:
             if "traceback" in r:
                 print(f"--- {r['case']} (P={r['P']}) ---\n{r['traceback']}")
-        name = "ffa_kernel_P1.json" if args.ffa_kernel else f"magi_P{world}.json"
+        name = f"{args.kernel}_kernel_P1.json" if args.kernel else f"magi_P{world}.json"
         with open(os.path.join(args.out, name), "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
         print(f"{int(flag.item())} failed (max over ranks); wrote {name}")

@@ -111,8 +111,8 @@ def test_batch_chunking_gives_same_result(device, monkeypatch):
     dout = torch.randn_like(q)
     whole = kernels.attention_forward(q, k, v, causal=True)
     grads_whole = kernels.attention_backward(dout, q, k, v, whole[0], whole[1], whole[2], causal=True)
-    monkeypatch.setattr(kernels, "CUDA_MAX_BATCH_HEADS", 6)  # 3 batch rows per CUDA launch
-    monkeypatch.setattr(kernels, "_MATH_MAX_SCORES", 3 * 2 * 9 * 9)
+    monkeypatch.setattr(kernels.contract, "CUDA_MAX_BATCH_HEADS", 6)  # 3 batch rows per CUDA launch
+    monkeypatch.setattr(kernels.exact, "_MAX_SCORES", 3 * 2 * 9 * 9)
     monkeypatch.setattr(kernels.CpuFlashKernel, "max_batch", lambda self, h, lq, lk: 3)
     chunked = kernels.attention_forward(q, k, v, causal=True)
     assert len(chunked[2].aux) == 3
@@ -144,10 +144,13 @@ def test_merge_with_no_keys_is_nan_free():
     torch.testing.assert_close(lse, block_lse)
 
 
-def test_forced_kernel_that_cannot_run_is_an_error(forced):
-    forced("flash")
-    with pytest.raises(RuntimeError, match="MOSAIC_KERNEL=flash can't run"):
-        kernels.attention_forward(*(torch.randn(1, 1, 4, 8) for _ in range(3)))
+def test_a_forced_kernel_runs_the_blocks_it_can_and_leaves_the_others(forced):
+    forced("math")
+    assert kernels.attention_forward(*(torch.randn(1, 1, 4, 8) for _ in range(3)))[2].kernel == "math"
+    forced("flash")  # no CUDA here: the automatic choice runs the block
+    assert kernels.attention_forward(*(torch.randn(1, 1, 4, 8) for _ in range(3)))[2].kernel == "cpu_flash"
+    with pytest.raises(RuntimeError, match="kernel='flash' can't run"):
+        kernels.attention_forward(*(torch.randn(1, 1, 4, 8) for _ in range(3)), kernel="flash")
     forced("nope")
     with pytest.raises(ValueError, match="not one of"):
         kernels.attention_forward(*(torch.randn(1, 1, 4, 8) for _ in range(3)))
@@ -182,7 +185,7 @@ def test_named_kernel_and_local_option(forced):
     assert kernels.attention_forward(q, q, q, kernel="math")[2].kernel == "math"
     forced("cpu_flash")  # an explicit name wins over MOSAIC_KERNEL
     assert kernels.attention_forward(q, q, q, kernel="math")[2].kernel == "math"
-    with pytest.raises(RuntimeError, match="kernel='cudnn' can't run this input: needs a cuda tensor"):
+    with pytest.raises(RuntimeError, match="kernel='cudnn' can't run this input: needs a cuda device"):
         kernels.attention_forward(q, q, q, kernel="cudnn")
     with pytest.raises(ValueError, match="is not one of"):
         mosaic.MultiAxisAttention(8, 2, 1, backend_options={"kernel": "nope"})

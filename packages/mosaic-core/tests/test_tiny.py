@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from mosaic import blockwise, kernels, tiny
+from mosaic import blockwise, kernels
+from mosaic.kernels import BlockSpec, tiny
 
 
 def _device() -> str | None:
@@ -50,7 +51,9 @@ def _baseline(q_len: int, k_len: int, causal: bool = False) -> str:
     """
     if DEVICE == "cuda" and not (causal and q_len != k_len) and (q_len, k_len) != (1, 1):
         probe = torch.empty(1, 1, 1, 8, device="cuda", dtype=torch.bfloat16)
-        return next(name for name in ("cudnn", "flash", "math") if not kernels.KERNELS[name].reasons(probe))
+        return next(
+            name for name in ("cudnn", "flash", "math") if not kernels.KERNELS[name].reasons(BlockSpec.of(probe))
+        )
     return "math"
 
 
@@ -327,17 +330,17 @@ def test_reasons_name_every_limit(monkeypatch):
     monkeypatch.delenv("MOSAIC_KERNEL", raising=False)
     q = torch.randn(1, 1, 65, 256)
     k = torch.randn(1, 1, 70, 256)
-    reasons = " | ".join(tiny.reasons(q, k))
-    for part in ("needs a cuda tensor", "dtype torch.float32", "head dim 256 > 128", "query length 65 > 64"):
+    reasons = " | ".join(tiny.reasons(BlockSpec.of(q, k)))
+    for part in ("needs a cuda device", "dtype torch.float32", "head dim 256 > 128", "query length 65 > 64"):
         assert part in reasons
     assert "key length 70 > 64" in reasons
-    assert kernels.KERNELS["tiny"].reasons(q, k) == tiny.reasons(q, k)
+    assert kernels.KERNELS["tiny"].reasons(BlockSpec.of(q, k)) == tiny.reasons(BlockSpec.of(q, k))
     # Past the shapes measured faster than cuDNN: a reason unless forced.
     q, k = torch.randn(1, 1, 40, 96), torch.randn(1, 1, 8, 96)
-    unforced = " | ".join(tiny.reasons(q, k))
+    unforced = " | ".join(tiny.reasons(BlockSpec.of(q, k)))
     assert "query length 40 > 32: not measured faster" in unforced and "head dim 96 > 64" in unforced
     monkeypatch.setenv("MOSAIC_KERNEL", "tiny")
-    assert not any("> 32" in r or "> 64" in r for r in tiny.reasons(q, k))
+    assert not any("> 32" in r or "> 64" in r for r in tiny.reasons(BlockSpec.of(q, k)))
 
 
 def test_never_picked_on_cpu_unless_forced(monkeypatch):
@@ -346,11 +349,10 @@ def test_never_picked_on_cpu_unless_forced(monkeypatch):
     monkeypatch.delenv("MOSAIC_KERNEL", raising=False)
     q = torch.randn(2, 2, 11, 24, dtype=torch.bfloat16)
     assert kernels.select_kernel(q, q).name == "cpu_flash"
-    assert any("TRITON_INTERPRET=1 and MOSAIC_KERNEL=tiny" in r for r in tiny.reasons(q, q))
+    assert any("TRITON_INTERPRET=1 and MOSAIC_KERNEL=tiny" in r for r in tiny.reasons(BlockSpec.of(q, q)))
 
 
-def test_forced_with_long_keys_says_why(monkeypatch):
-    monkeypatch.setenv("MOSAIC_KERNEL", "tiny")
+def test_named_with_long_keys_says_why():
     q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="key length 65 > 64"):
-        kernels.attention_forward(q, torch.randn(1, 1, 65, 8, dtype=torch.bfloat16), q)
+        kernels.attention_forward(q, torch.randn(1, 1, 65, 8, dtype=torch.bfloat16), q, kernel="tiny")

@@ -17,6 +17,7 @@ import torch
 
 import mosaic
 from mosaic import kernels
+from mosaic.kernels import BlockSpec
 from mosaic_magi import INSTALL_HINT, FfaKernel, ffa
 
 
@@ -73,15 +74,16 @@ def test_registered_by_entry_point_and_never_picked_unnamed():
 def test_reasons(monkeypatch):
     q = torch.empty(1, 2, 4, 24, dtype=torch.bfloat16)
     monkeypatch.setattr(ffa, "is_installed", lambda: False)
-    reasons = FfaKernel().reasons(q)
-    assert "needs a cuda tensor, got cpu" in reasons and INSTALL_HINT in reasons
-    assert "dtype torch.float32 not in" in " ".join(FfaKernel().reasons(q.float()))
-    assert "head dim 160 > 128" in FfaKernel().reasons(torch.empty(1, 1, 1, 160, dtype=torch.bfloat16))
+    reasons = FfaKernel().reasons(BlockSpec.of(q))
+    assert "needs a cuda device, got cpu" in reasons and INSTALL_HINT in reasons
+    assert "dtype torch.float32 not in" in " ".join(FfaKernel().reasons(BlockSpec.of(q.float())))
+    long_heads = torch.empty(1, 1, 1, 160, dtype=torch.bfloat16)
+    assert "head dim 160 > 128" in FfaKernel().reasons(BlockSpec.of(long_heads))
 
 
 def test_named_on_cpu_fails_with_its_reasons():
     attn = mosaic.MultiAxisAttention(48, 2, 1, backend_options={"kernel": "ffa"})
-    with pytest.raises(RuntimeError, match="kernel='ffa' can't run this input: needs a cuda tensor"):
+    with pytest.raises(RuntimeError, match="kernel='ffa' can't run this input: needs a cuda device"):
         attn(torch.randn(1, 8, 2, 48))
 
 

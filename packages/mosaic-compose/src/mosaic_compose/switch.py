@@ -283,7 +283,7 @@ class SwitchBackend(Backend):
         q_pos = Positions.of([p.q_layout.spans(r) for r in range(p.size)])
         kv_pos = Positions.of([p.kv_block(r).spans for r in range(p.size)])
         # Keys are already cut to kv_len; the positions make causal and cross-attention exact.
-        pieces = tuple(blockwise.blocks(q_pos.spans, kv_pos.spans, causal=p.causal))
+        pieces = tuple(blockwise.blocks(q_pos.spans, kv_pos.spans, causal=p.causal, spec=p.block_spec()))
         return SwitchPlan(p, switch_cost(p, split), split, q_pos, kv_pos, p.kv_block(), pieces)
 
 

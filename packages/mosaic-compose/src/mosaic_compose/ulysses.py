@@ -112,7 +112,7 @@ class UlyssesBackend(Backend):
     def plan(self, problem: AttentionProblem) -> Plan:
         p = problem
         q_exchange, kv_exchange = head_exchanges(p, range(p.size), p.group, p.rank)
-        pieces = blocks(q_exchange.positions, kv_exchange.positions, causal=p.causal)
+        pieces = blocks(q_exchange.positions, kv_exchange.positions, causal=p.causal, spec=p.block_spec())
         flops = attention_flops(p.batch, p.heads // p.size, p.head_dim, sum(p.pairs(r) for r in range(p.size)))
         exchange = exchange_cost(p, [range(p.size)])
         e = torch.empty((), dtype=p.dtype).element_size()

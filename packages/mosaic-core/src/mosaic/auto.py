@@ -23,6 +23,7 @@ import torch
 from .backend import Backend, BackendNotSupported, Capabilities, Plan
 from .cost import Cost, Machine, default_machine
 from .guard import HELPER, site_id
+from .kernels import ranking
 from .options import Options
 from .problem import AttentionProblem
 from .registry import BackendUnavailable, available_backends, get_backend
@@ -100,6 +101,10 @@ class Explanation:
                     f"{c.backend:<16}{opts[:61]:<62}{c.seconds * 1e3:>10.3f}ms{c.cost.memory / 2**30:>10.3f}"
                     f"{c.cost.bytes / 2**20:>10.1f}{mark}"
                 )
+                if c.plan is not None and c.plan.kernels():
+                    lines.append(f"{'':<18}kernels: {', '.join(c.plan.kernels())}")
+        if self.chosen is not None and self.chosen.plan is not None:
+            lines += _kernel_lines(self.chosen.plan)
         for c in self.candidates:
             if not c.accepted:
                 lines.append(f"{c.backend:<16}{((c.options and str(c.options)) or '')[:61]:<62}  rejected:")
@@ -146,6 +151,17 @@ def _candidate(backend: Backend, problem: AttentionProblem, machine: Machine, pl
         )
         return Candidate(backend.name, problem.options, cost=plan.cost, reasons=(why,))
     return Candidate(backend.name, problem.options, machine.seconds(plan.cost), plan.cost, plan=plan)
+
+
+def _kernel_lines(plan: Plan) -> list[str]:
+    """Why the chosen plan's largest block runs on its kernel and not on the others."""
+    pieces = plan.block_pieces()
+    if not pieces:
+        return []
+    largest = max(pieces, key=lambda p: p.q_len * p.k_len)
+    spec = plan.problem.block_spec(largest.q_len, largest.k_len, largest.causal)
+    lines = [f"kernels for the chosen plan's largest block ({spec.q_len} x {spec.k_len} rows):"]
+    return lines + [f"  {name:<12}{verdict}" for name, verdict in ranking(spec, largest.kernel)]
 
 
 def _size(n: float) -> str:

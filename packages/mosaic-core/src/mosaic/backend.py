@@ -16,12 +16,14 @@ operator dispatch does.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .blockwise import Piece, kernels_of
 from .cost import Cost
 from .layout import LAYOUTS
 from .options import NoOptions, Options
@@ -72,6 +74,31 @@ class Plan(ABC):
     @abstractmethod
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention output for the local query rows, shaped like ``q``."""
+
+    def block_pieces(self) -> list[Piece]:
+        """Every block this plan computes (its own and its inner plans'), each with the kernel chosen for it."""
+        found: list[Piece] = []
+        _collect(self, found)
+        return found
+
+    def kernels(self) -> list[str]:
+        """The block kernels this plan runs, each once, in order."""
+        return kernels_of(self.block_pieces())
+
+
+def _collect(value: Any, found: list[Piece]) -> None:
+    if isinstance(value, Piece):
+        found.append(value)
+    elif isinstance(value, tuple | list):
+        for item in value:
+            _collect(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, found)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            if f.name not in ("problem", "cost"):
+                _collect(getattr(value, f.name), found)
 
 
 class Backend(ABC):

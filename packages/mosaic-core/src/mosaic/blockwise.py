@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .kernels import KernelCall, attention_backward, attention_forward, lse_dtype, select_kernel
+from .kernels import BlockSpec, KernelCall, attention_backward, attention_forward, choose_kernel, get_kernel, lse_dtype
 from .layout import Span
 
 __all__ = [
@@ -40,11 +40,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Piece:
-    """Query rows ``q`` attend to key rows ``k`` (local row slices); ``causal`` = square diagonal block."""
+    """Query rows ``q`` attend to key rows ``k`` (local row slices); ``causal`` = square diagonal block.
+
+    ``kernel`` names the kernel the plan chose for the block (:func:`blocks` with a ``spec``).
+    """
 
     q: slice
     k: slice
     causal: bool = False
+    kernel: str | None = None
+
+    @property
+    def q_len(self) -> int:
+        return self.q.stop - self.q.start
+
+    @property
+    def k_len(self) -> int:
+        return self.k.stop - self.k.start
 
 
 def _rows(spans: tuple[Span, ...]) -> list[tuple[int, int, int]]:
@@ -69,13 +81,30 @@ def blocks(
     *,
     causal: bool = False,
     kv_len: int | None = None,
+    spec: BlockSpec | None = None,
+    kernel: str | None = None,
 ) -> list[Piece]:
     """Blocks to compute for queries at ``q_spans`` over keys at ``k_spans``.
 
     Key ``j`` is visible to query ``i`` iff ``j < kv_len`` and, when causal,
     ``j <= i``. Rows lists follow the spans in order (a rank's local layout).
-    Returns an empty list when no query sees any key.
+    Returns an empty list when no query sees any key. With ``spec`` (the
+    device, dtype, head dim and heads of the tensors) every piece gets the
+    kernel for its lengths: ``kernel`` if named, else the fastest that accepts
+    it (:func:`~mosaic.kernels.choose_kernel`), so a plan runs its choice.
     """
+    pieces = _pieces(q_spans, k_spans, causal, kv_len)
+    if spec is None:
+        return pieces
+    return [replace(p, kernel=choose_kernel(spec.sized(p.q_len, p.k_len, p.causal), kernel).name) for p in pieces]
+
+
+def kernels_of(pieces: Sequence[Piece]) -> list[str]:
+    """The kernels a plan's pieces run, each once, in order."""
+    return list(dict.fromkeys(p.kernel for p in pieces if p.kernel))
+
+
+def _pieces(q_spans, k_spans, causal: bool, kv_len: int | None) -> list[Piece]:
     q_rows = _rows(q_spans)
     # Keys past kv_len keep their row numbers; only the rows below kv_len are used.
     k_rows = [(a, min(b, kv_len if kv_len is not None else b), r) for a, b, r in _rows(k_spans)]
@@ -205,17 +234,19 @@ def forward(
     scale: float,
     kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[KernelCall | None]]:
-    """Run blocks (on ``kernel``, default the fastest): ``(out, lse, calls)``; ``out`` is fp32 unless one
-    piece covers every query row."""
+    """Run blocks on the kernels their pieces name (else ``kernel``, else the fastest): ``(out, lse, calls)``;
+    ``out`` is fp32 unless one piece covers every query row."""
     if len(pieces) == 1 and pieces[0].q == slice(0, q.shape[2]):
         p = pieces[0]
-        out, lse, call = attention_forward(q, k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale, kernel=kernel)
+        out, lse, call = attention_forward(
+            q, k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale, kernel=_kernel(p, kernel)
+        )
         return out, lse, [call]
     out, lse = empty_partial(q)
     calls = []
     for p in pieces:
         block_out, block_lse, call = attention_forward(
-            q[:, :, p.q], k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale, kernel=kernel
+            q[:, :, p.q], k[:, :, p.k], v[:, :, p.k], causal=p.causal, scale=scale, kernel=_kernel(p, kernel)
         )
         merge_(out[:, :, p.q], lse[:, :, p.q], block_out, block_lse)
         calls.append(call)
@@ -340,6 +371,22 @@ def _placed(grad: torch.Tensor, like: torch.Tensor, rows: slice) -> torch.Tensor
     return full
 
 
+def _kernel(piece: Piece, kernel: str | None):
+    """The kernel a plan chose for ``piece`` (run as it is), else ``kernel`` by name (checked), else ``None``."""
+    return get_kernel(piece.kernel) if piece.kernel else kernel
+
+
+def _strided(q: torch.Tensor, k: torch.Tensor, pieces: list[Piece], kernel: str | None) -> bool:
+    """Whether every kernel of ``pieces`` reads its inputs through their strides (no copy is worth making)."""
+    if not pieces:
+        return True
+    names = {p.kernel or kernel for p in pieces}
+    if None in names:
+        names.discard(None)
+        names.add(choose_kernel(BlockSpec.of(q, k)).name)
+    return all(get_kernel(name).strided_inputs for name in names)
+
+
 class SpanAttention(torch.autograd.Function):
     """Differentiable attention over blocks (used by strategies whose keys are all local)."""
 
@@ -348,7 +395,7 @@ class SpanAttention(torch.autograd.Function):
         # Projections hand over strided views. Most kernels want contiguous rows: copied once here and
         # saved in place of the views, the projection's output is freed after the forward, and the
         # backward's kernels need no copies of their own. A kernel that reads strides gets the views.
-        if q.shape[2] and k.shape[2] and not select_kernel(q, k, kernel).strided_inputs:
+        if not _strided(q, k, pieces, kernel):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse, calls = forward(q, k, v, pieces, scale, kernel)
         out = out.to(q.dtype)

@@ -3,6 +3,13 @@
 Gathers and scatters work along any dim and allow every rank its own length
 (a rank may contribute nothing: the key rows past ``kv_len``).
 
+CUDA tensors on a gloo group travel through host memory (:func:`staged`):
+gloo moves CUDA tensors only for broadcast and all-reduce, and NCCL refuses
+two ranks on one GPU, so this is how several ranks share one GPU to test the
+GPU kernels on every strategy's code path (``mosaic.init(backend="gloo",
+device="cuda:0")``, tests/gpu/check_backends.py ``--one-gpu``). It is a test
+mode: each transfer costs two host copies.
+
 Every collective here reports to :func:`count_traffic`: the bytes that reach
 this rank, as the bandwidth-optimal algorithm moves them (an all-gather brings
 every other rank's rows; a reduce-scatter brings ``P - 1`` copies of this
@@ -37,6 +44,7 @@ __all__ = [
     "resized",
     "rotate",
     "rotate_back",
+    "staged",
     "start_all_gather",
     "start_reduce_scatter",
 ]
@@ -91,6 +99,11 @@ def _is_gloo(group: dist.ProcessGroup | None) -> bool:
     return dist.get_backend(group) == "gloo"
 
 
+def staged(group: dist.ProcessGroup | None, x: torch.Tensor) -> bool:
+    """Whether ``x`` travels through host memory on ``group``: a CUDA tensor on a gloo group."""
+    return x.is_cuda and _is_gloo(group)
+
+
 class Pending:
     """A collective in flight. :meth:`wait` makes the current stream wait for it and returns its result.
 
@@ -118,15 +131,19 @@ def start_all_gather(x: torch.Tensor, sizes: list[int], dim: int, group: dist.Pr
         width = max(sizes)
         if x.shape[dim] < width:
             x = torch.cat([x, resized(x, width - x.shape[dim], dim).zero_()], dim)
-        flat = x.new_empty((len(sizes) * x.shape[0], *x.shape[1:]))  # rank-major; gloo wants this shape
-        work = all_gather_single(flat, x, group=group, async_op=True)
+        host = staged(group, x)
+        send = x.cpu() if host else x
+        flat = send.new_empty((len(sizes) * x.shape[0], *x.shape[1:]))  # rank-major; gloo wants this shape
+        work = all_gather_single(flat, send, group=group, async_op=True)
+        arrived = (lambda: flat.to(x.device)) if host else (lambda: flat)
         if dim == 0 and len(set(sizes)) == 1:
-            return Pending(work, lambda: flat)
-        # One copy puts every rank's rows in place along ``dim``.
-        per_rank = flat.view(len(sizes), *x.shape)
-        return Pending(
-            work, lambda: torch.cat([t.narrow(dim, 0, n) for t, n in zip(per_rank, sizes, strict=True)], dim)
-        )
+            return Pending(work, arrived)
+
+        def in_place() -> torch.Tensor:  # one copy puts every rank's rows in place along ``dim``
+            per_rank = arrived().view(len(sizes), *x.shape)
+            return torch.cat([t.narrow(dim, 0, n) for t, n in zip(per_rank, sizes, strict=True)], dim)
+
+        return Pending(work, in_place)
     # Unequal sizes (NCCL): every rank's rows arrive in their own buffer; ranks holding none send nothing.
     parts = [resized(x, n, dim) for n in sizes]
     work = dist.all_gather(parts, x, group=group, async_op=True)
@@ -155,6 +172,8 @@ def start_reduce_scatter(
     _record(group, [0 if r == rank else sizes[rank] * _slice_bytes(x, dim) for r in range(len(sizes))])
     chunks = x.split(sizes, dim)
     out = resized(x, sizes[rank], dim, dtype)
+    host = staged(group, x)
+    got = out.cpu() if host else out
     if len(set(sizes)) == 1:
         if dim == 0 and x.dtype == dtype and x.is_contiguous():
             flat = x
@@ -162,11 +181,11 @@ def start_reduce_scatter(
             flat = x.new_empty((len(sizes) * out.shape[0], *out.shape[1:]), dtype=dtype)  # rank-major
             for row, chunk in zip(flat.view(len(sizes), *out.shape), chunks, strict=True):
                 row.copy_(chunk)
-        work = reduce_scatter_single(out, flat, group=group, async_op=True)
+        work = reduce_scatter_single(got, flat.cpu() if host else flat, group=group, async_op=True)
     else:
         parts = [resized(chunk, chunk.shape[dim], dim, dtype).copy_(chunk) for chunk in chunks]
-        work = dist.reduce_scatter(out, parts, group=group, async_op=True)
-    return Pending(work, lambda: out)
+        work = dist.reduce_scatter(got, [p.cpu() for p in parts] if host else parts, group=group, async_op=True)
+    return Pending(work, (lambda: out.copy_(got)) if host else (lambda: out))
 
 
 def reduce_scatter_uneven(
@@ -205,12 +224,15 @@ def all_to_all_uneven(
     x: torch.Tensor, send: list[int], recv: list[int], dim: int, group: dist.ProcessGroup
 ) -> torch.Tensor:
     """Send rows ``split(send)[r]`` of ``x`` along ``dim`` to rank ``r``; concatenate what arrives."""
+    device = x.device
     x = x.movedim(dim, 0).contiguous()
+    if staged(group, x):
+        x = x.cpu()
     out = x.new_empty((sum(recv), *x.shape[1:]))
     me = dist.get_rank(group)
     _record(group, [0 if r == me else n * _slice_bytes(out, 0) for r, n in enumerate(recv)])
     dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group)
-    return out.movedim(0, dim)
+    return out.to(device).movedim(0, dim)
 
 
 class RingComm:
@@ -235,6 +257,7 @@ class RingComm:
         self._queued: dict[bool, list[dist.P2POp]] = {False: [], True: []}
         self._started: list[dist.P2POp] = []
         self._reqs: list = []
+        self._landing: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host buffer, CUDA tensor): staged receives
 
     def send_recv(
         self, send: torch.Tensor | None, recv: torch.Tensor | None, late_send: bool = False, late_recv: bool = False
@@ -246,12 +269,17 @@ class RingComm:
         send = send if send is not None and send.numel() else None
         recv = recv if recv is not None and recv.numel() else None
         if send is not None:
-            self._queued[late_send].append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.group))
+            send = send.cpu() if staged(self.group, send) else send.contiguous()
+            self._queued[late_send].append(dist.P2POp(dist.isend, send, self.next, self.group))
         if recv is not None:
-            self._queued[late_recv].append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
             sizes = [0] * self.size
             sizes[self.prev_rank] = recv.numel() * recv.element_size()
             _record(self.group, sizes)
+            if staged(self.group, recv):
+                host = torch.empty(recv.shape, dtype=recv.dtype)
+                self._landing.append((host, recv))
+                recv = host
+            self._queued[late_recv].append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
 
     def commit(self, late: bool = False) -> None:
         """Start the queued transfers (``late``: those queued to follow the step's compute)."""
@@ -264,8 +292,10 @@ class RingComm:
     def wait(self) -> None:
         for req in self._reqs:
             req.wait()
+        for host, target in self._landing:
+            target.copy_(host)
         # The ops hold the buffers until the transfers are done.
-        self._started, self._reqs = [], []
+        self._started, self._reqs, self._landing = [], [], []
 
 
 class Pace:

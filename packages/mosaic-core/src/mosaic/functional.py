@@ -35,13 +35,13 @@ from .backend import Backend, Plan
 from .context import Context, get_context
 from .errors import RULE, CollectiveTimeout
 from .guard import BACKWARD, FORWARD, HELPER, Guard, site_id
+from .kernels import default_scale
 from .layout import LAYOUTS, LayoutKind, SeqLayout, check_layout
 from .options import Options
 from .problem import (
     DTYPES,
     AttentionProblem,
     check_kv_len,
-    default_scale,
     dtype_code,
     float_bits,
     kv_len_int,

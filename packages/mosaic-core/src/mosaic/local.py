@@ -61,18 +61,17 @@ class LocalBackend(Backend):
 class SpanPlan(Plan):
     """Every key is local: one plan of blocks (:func:`mosaic.blockwise.blocks`) over this rank's rows."""
 
-    pieces: tuple[Piece, ...]
-    kernel: str | None = None
+    pieces: tuple[Piece, ...]  # each with the kernel the plan chose for it
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return SpanAttention.apply(q, k, v, list(self.pieces), self.problem.scale, self.kernel)
+        return SpanAttention.apply(q, k, v, list(self.pieces), self.problem.scale)
 
 
 def span_plan(problem: AttentionProblem, kernel: str | None = None) -> SpanPlan:
     """The local plan of ``problem`` (also a distributed strategy's plan on a group of one), on ``kernel``."""
     p = problem
-    pieces = blocks(p.q_spans, p.kv_spans(), causal=p.causal, kv_len=p.kv_len)
-    return SpanPlan(p, _local_cost(p), tuple(pieces), kernel)
+    pieces = blocks(p.q_spans, p.kv_spans(), causal=p.causal, kv_len=p.kv_len, spec=p.block_spec(), kernel=kernel)
+    return SpanPlan(p, _local_cost(p), tuple(pieces))
 
 
 def _local_cost(p: AttentionProblem) -> Cost:

@@ -9,7 +9,7 @@ that differs between ranks raises the same error on every rank.
 
 from __future__ import annotations
 
-import math
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from .kernels import BlockSpec
 from .layout import LAYOUTS, SeqLayout, Span
 from .options import NoOptions, Options
 
@@ -69,12 +70,18 @@ class AttentionProblem:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Everything a plan may depend on, hashable: plans are cached by it."""
+        """Everything a plan may depend on, hashable: plans are cached by it (the kernel ``MOSAIC_KERNEL``
+        forces too, which a plan's blocks run)."""
         return (
             self.batch, self.heads, self.kv_heads, self.head_dim, self.dtype, self.device, self.q_layout,
             self.kv_layout, self.rank, self.causal, self.kv_len, self.scale, self.dropout, self.cross, self.options,
-            self.batch_shape, id(self.group),
+            self.batch_shape, id(self.group), os.environ.get("MOSAIC_KERNEL"),
         )  # fmt: skip
+
+    def block_spec(self, q_len: int = 0, k_len: int = 0, causal: bool = False) -> BlockSpec:
+        """The kernels' view of a block of this problem (device, dtype, head dim, heads), ``q_len`` x ``k_len``."""
+        return BlockSpec(self.device, self.dtype, self.head_dim, q_len, k_len, self.heads, self.kv_heads, self.batch,
+                         causal)  # fmt: skip
 
     def kv_spans(self, rank: int | None = None) -> tuple[Span, ...]:
         return self.kv_layout.spans(self.rank if rank is None else rank)
@@ -172,7 +179,3 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def layout_code(kind: str) -> int:
     return LAYOUTS.index(kind) if kind in LAYOUTS else len(LAYOUTS)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

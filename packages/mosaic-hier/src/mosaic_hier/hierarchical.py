@@ -99,7 +99,7 @@ class HierPlan(Plan):
             seen = {tuple(s for h in node for s in h.spans) for node in schedule}
         else:
             seen = {h.spans for node in schedule for h in node}
-        pieces = {spans: tuple(blocks(p.q_spans, spans, causal=p.causal)) for spans in seen}
+        pieces = {spans: tuple(blocks(p.q_spans, spans, causal=p.causal, spec=p.block_spec())) for spans in seen}
         rail = tuple(p.kv_block(topo.rank_of(node, topo.local_rank)).size for node in range(topo.nodes))
         return cls(p, cost, topo, opts, schedule, pieces, p.kv_block(p.rank), rail)
 

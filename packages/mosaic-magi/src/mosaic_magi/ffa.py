@@ -29,7 +29,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from mosaic.kernels import Kernel
+from mosaic.kernels import BlockSpec, Kernel
 
 from .magi import _MAX_TOKENS, INSTALL_HINT, gpu_reasons, is_installed
 from .mask import FFA_HEAD_DIMS, padded_head_dim
@@ -85,13 +85,16 @@ class FfaKernel(Kernel):
     dtypes = frozenset({torch.float16, torch.bfloat16})
     max_head_dim = FFA_HEAD_DIMS[-1]
 
-    def _extra_reasons(self, q: torch.Tensor) -> list[str]:
+    def unavailable(self, device: torch.device) -> list[str]:
+        out = super().unavailable(device)
         if not is_installed():
-            return [INSTALL_HINT]
-        reasons = gpu_reasons(q.device, _ffa)
-        if q.shape[0] * q.shape[2] > _MAX_TOKENS:
-            reasons.append(f"batch' x rows = {q.shape[0] * q.shape[2]} tokens; FFA's ranges are int32")
-        return reasons
+            return [*out, INSTALL_HINT]
+        return out or gpu_reasons(device, _ffa)
+
+    def extra_reasons(self, spec: BlockSpec) -> list[str]:
+        if spec.batch * spec.q_len > _MAX_TOKENS:
+            return [f"batch' x rows = {spec.batch * spec.q_len} tokens; FFA's ranges are int32"]
+        return []
 
     def max_batch(self, heads: int, q_len: int, k_len: int) -> int:
         # Batch' entries are ranges of one sequence, not grid dims; the int32 bound is a reason above.

@@ -139,10 +139,10 @@ class Tile(Plan):
         key_sizes = tuple(b.size for b in key_blocks)
         if p.causal:
             q_spans = tuple(s for r in q_ranks for s in p.q_layout.spans(r))
-            pieces = blocks(q_spans, tuple(s for b in key_blocks for s in b.spans), causal=True)
+            pieces = blocks(q_spans, tuple(s for b in key_blocks for s in b.spans), causal=True, spec=p.block_spec())
         else:
             # Without a causal mask positions no longer matter: keys past kv_len were never gathered.
-            pieces = blocks(((0, sum(q_sizes)),), ((0, sum(key_sizes)),))
+            pieces = blocks(((0, sum(q_sizes)),), ((0, sum(key_sizes)),), spec=p.block_spec())
         return cls(p, _cost(p), row_group, col_group, q_sizes, key_sizes, key_blocks[i], tuple(pieces), q_sizes[j])
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,9 @@ class AllGatherBackend(Backend):
             return span_plan(p)
         blocks = [p.kv_block(r) for r in range(p.size)]
         sizes = tuple(b.size for b in blocks)
-        pieces = blockwise.blocks(p.q_spans, tuple(s for b in blocks for s in b.spans), causal=p.causal)
+        pieces = blockwise.blocks(
+            p.q_spans, tuple(s for b in blocks for s in b.spans), causal=p.causal, spec=p.block_spec()
+        )
         groups = p.batch * p.kv_heads
         chunks = max(1, min(p.options.chunks, groups))
         bounds = [groups * i // chunks for i in range(chunks + 1)]

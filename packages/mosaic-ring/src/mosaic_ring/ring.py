@@ -51,9 +51,10 @@ class RingBackend(Backend):
             return span_plan(p)
         origins = [(p.rank - step) % p.size for step in range(p.size)]
         blocks_held = tuple(p.kv_block(origin) for origin in origins)
+        spec = p.block_spec()
         pieces = tuple(
-            tuple(blocks(p.q_spans, b.spans, causal=p.causal)) if b.size else () for b in blocks_held
-        )  # fmt: skip
+            tuple(blocks(p.q_spans, b.spans, causal=p.causal, spec=spec)) if b.size else () for b in blocks_held
+        )
         rows = tuple(b.size for b in blocks_held)
         return RingPlan(p, ring_cost(p), blocks_held, pieces, rows, _busy(p, list(rows)))
 

@@ -117,6 +117,7 @@ def compare_with_local(
     autocast: bool = False,
     input_scale: float = 1.0,
     seed: int = 0,
+    baseline_kernel: str | None = None,
 ) -> dict[str, float]:
     """Run ``backend`` on this rank's shard and ``local`` on the whole tensor; return the errors.
 
@@ -132,7 +133,9 @@ def compare_with_local(
     single-device error to hold the sharded one against. With ``autocast`` the
     parameters and inputs stay fp32 and ``dtype`` is autocast's compute dtype
     (mixed-precision training); without it, everything is in ``dtype``. ``input_scale``
-    multiplies the inputs (large logits test the merges' precision).
+    multiplies the inputs (large logits test the merges' precision). ``baseline_kernel``
+    runs that single-device ``local`` on the kernel of that name (e.g. ``"cudnn"``, to hold a
+    strategy on another kernel against cuDNN's error).
     """
     import mosaic
 
@@ -148,10 +151,10 @@ def compare_with_local(
         kv_full = torch.randn((*shape[:dim], kv_length, *shape[dim + 1 :]), device=device) * input_scale
     grad_full = torch.randn(shape, device=device)
 
-    def run(name: str, compute_dtype: torch.dtype, sharded: bool) -> dict[str, torch.Tensor | None]:
+    def run(name: str, compute_dtype: torch.dtype, sharded: bool, kernel: str | None = None):
         mixed = autocast and compute_dtype != torch.float32
         run_dtype = torch.float32 if mixed else compute_dtype
-        extra = strategy if sharded else {"sharded": False}
+        extra = strategy if sharded else {"sharded": False, "backend_options": {"kernel": kernel} if kernel else None}
         module = mosaic.MultiAxisAttention(backend=name, **make, **extra)
         module.load_state_dict(state)
         module.to(device=device, dtype=run_dtype)
@@ -182,7 +185,7 @@ def compare_with_local(
     want = run("local", reference_dtype or dtype, sharded=False)
     result = errors(got, want)
     if reference_dtype is not None:
-        result.update(errors(run("local", dtype, sharded=False), want, "local_"))
+        result.update(errors(run("local", dtype, sharded=False, kernel=baseline_kernel), want, "local_"))
     return result
 
 

@@ -38,7 +38,7 @@ Accumulation is fp32. The flash and cuDNN kernels round the probabilities and
 ``dS`` to bf16 (8 significant bits) before their matmuls; here each enters as
 the sum of two bf16/fp16 parts (~16 bits), which costs one more small matmul
 and leaves the output rounding as the only bf16 error that matters. Query and
-key heads are equal: :mod:`mosaic.kernels` repeats grouped K/V heads before
+key heads are equal: :func:`mosaic.kernels.attention_forward` repeats grouped K/V heads before
 the call and sums their gradients after it (docs/kernels.md says why).
 
 Triton is imported on first use, so ``import mosaic`` works without it. With
@@ -57,12 +57,15 @@ from typing import Any
 
 import torch
 
+from .contract import BlockSpec, Kernel, cuda_capability
+
 __all__ = [
     "AUTO_MAX_HEAD_DIM",
     "AUTO_MAX_LEN",
     "MAX_HEAD_DIM",
     "MAX_LEN",
     "TileConfig",
+    "TinyKernel",
     "backward",
     "default_config",
     "forward",
@@ -115,8 +118,8 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> list[str]:
-    """Why the tiny kernel can't run ``q`` against ``k``; empty when it can.
+def reasons(spec: BlockSpec) -> list[str]:
+    """Why the tiny kernel can't run the block ``spec``; empty when it can.
 
     CPU tensors run through Triton's interpreter only when it is on and the
     kernel is forced (``MOSAIC_KERNEL=tiny``): it is far slower than the CPU
@@ -126,33 +129,55 @@ def reasons(q: torch.Tensor, k: torch.Tensor | None = None) -> list[str]:
     """
     out = []
     forced = os.environ.get("MOSAIC_KERNEL") == "tiny"
-    if q.device.type == "cuda":
-        if torch.cuda.get_device_capability(q.device) < (8, 0):
+    capability = cuda_capability(spec.device)
+    if spec.device.type == "cuda":
+        if capability is not None and capability < (8, 0):
             out.append("needs compute capability >= (8, 0)")
-    elif not (q.device.type == "cpu" and interpreted() and forced):
+    elif not (spec.device.type == "cpu" and interpreted() and forced):
         out.append(
-            f"needs a cuda tensor, got {q.device.type} (CPU tensors run only through Triton's interpreter, "
+            f"needs a cuda device, got {spec.device.type} (CPU tensors run only through Triton's interpreter, "
             "with TRITON_INTERPRET=1 and MOSAIC_KERNEL=tiny)"
         )
     if not triton_importable():
         out.append("triton is not importable")
-    if q.dtype not in DTYPES:
-        out.append(f"dtype {q.dtype} not in {[str(d) for d in DTYPES]}")
-    lengths = {"query": q.shape[-2], "key": k.shape[-2] if k is not None else 0}
-    for what, n in lengths.items():
+    if spec.dtype not in DTYPES:
+        out.append(f"dtype {spec.dtype} not in {[str(d) for d in DTYPES]}")
+    for what, n in (("query", spec.q_len), ("key", spec.k_len)):
         if n > MAX_LEN:
             out.append(f"{what} length {n} > {MAX_LEN}")
         elif n > AUTO_MAX_LEN and not forced:
             out.append(
                 f"{what} length {n} > {AUTO_MAX_LEN}: not measured faster than cuDNN (MOSAIC_KERNEL=tiny runs it)"
             )
-    if q.shape[-1] > MAX_HEAD_DIM:
-        out.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
-    elif q.shape[-1] > AUTO_MAX_HEAD_DIM and not forced:
+    if spec.head_dim > MAX_HEAD_DIM:
+        out.append(f"head dim {spec.head_dim} > {MAX_HEAD_DIM}")
+    elif spec.head_dim > AUTO_MAX_HEAD_DIM and not forced:
         out.append(
-            f"head dim {q.shape[-1]} > {AUTO_MAX_HEAD_DIM}: not measured faster than cuDNN (MOSAIC_KERNEL=tiny runs it)"
+            f"head dim {spec.head_dim} > {AUTO_MAX_HEAD_DIM}: not measured faster than cuDNN "
+            "(MOSAIC_KERNEL=tiny runs it)"
         )
     return out
+
+
+class TinyKernel(Kernel):
+    """Query and key lengths <= 64 (feature attention): many (batch, head) pairs per tile."""
+
+    name = "tiny"
+    strided_inputs = True
+    device_type = ""  # CUDA, or CPU through Triton's interpreter when forced: reasons() decides
+
+    def reasons(self, spec: BlockSpec) -> list[str]:
+        return reasons(spec)
+
+    def max_batch(self, heads: int, q_len: int, k_len: int) -> int:
+        return 1 << 62  # its grid is 1-D over tiles: no 65535 limit to chunk for
+
+    def forward(self, q, k, v, causal, scale):
+        out, lse = forward(q, k, v, causal=causal, scale=scale)
+        return out, lse, None
+
+    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        return backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
 
 
 def _pow2(n: int) -> int:
