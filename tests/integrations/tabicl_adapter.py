@@ -119,10 +119,11 @@ class RowShardedMultiheadAttention(MultiheadAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
         if self.queries == "sharded":
-            return mosaic.attention(q, k, v, backend=self.backend, dropout=dropout, name="TabICL attention over rows")
+            return mosaic.attention(q, k, v, backend=self.backend, dropout=dropout, sharded=True,
+                                    name="TabICL attention over rows")  # fmt: skip
         ctx = mosaic.get_context()
         mine = ctx.sharded_dim(q.shape[2])  # this rank's share of the queries (no dim is declared)
-        out = mosaic.attention(mine.take(q, 2), k, v, backend=self.backend, dropout=dropout,
+        out = mosaic.attention(mine.take(q, 2), k, v, backend=self.backend, dropout=dropout, sharded=True,
                                name="TabICL inducing points -> rows")  # fmt: skip
         return ctx.unshard(out, 2)
 

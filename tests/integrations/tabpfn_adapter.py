@@ -85,7 +85,10 @@ class RowShardedAlongColumnAttention(AlongColumnAttention):
         return t.view(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str) -> torch.Tensor:
-        return mosaic.attention(q, k, v, backend=self.backend, name=f"TabPFN v2 column attention ({what})")
+        # The keys are this rank's training rows (a prefix of its rows), not a declared layout: sharded=True.
+        return mosaic.attention(
+            q, k, v, backend=self.backend, sharded=True, name=f"TabPFN v2 column attention ({what})"
+        )
 
 
 def shard_rows(module: nn.Module, backend: str = "allgather") -> nn.Module:

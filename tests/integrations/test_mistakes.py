@@ -68,7 +68,7 @@ def distributed_on_whole_dim() -> tuple[str, str]:
 
 
 def test_b_distributed_backend_on_a_whole_dim_raises_on_every_rank() -> None:
-    assert_same_error(run_distributed(distributed_on_whole_dim, WORLD), "ValueError", "not declared sharded")
+    assert_same_error(run_distributed(distributed_on_whole_dim, WORLD), "ValueError", "not a dim declared sharded")
 
 
 def multihead_attention_habit(backend: str) -> tuple[str, str]:

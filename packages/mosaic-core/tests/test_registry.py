@@ -55,7 +55,7 @@ def test_broken_plugin_warns_and_others_still_load(fresh_registry):
     broken = EntryPoint("broken", "mosaic_no_such_module:Backend", registry.ENTRY_POINT_GROUP)
     good = EntryPoint("good", "mosaic.local:LocalBackend", registry.ENTRY_POINT_GROUP)
     registry.refresh_backends()
-    fresh_registry.setattr(registry, "_entry_points", lambda: {"broken": broken, "good": good})
+    fresh_registry.setattr(registry._plugins, "_entries", lambda: {"broken": broken, "good": good})
     with pytest.warns(RuntimeWarning, match="failed to load"), pytest.raises(mosaic.BackendUnavailable):
         mosaic.get_backend("broken")
     assert isinstance(mosaic.get_backend("good"), mosaic.LocalBackend)

@@ -122,15 +122,18 @@ def test_cost_counts_the_prefix_keys_fetched() -> None:
     assert plan.cost.bytes == 6 * batch * kv_len * heads * 64 * 2
     assert plan.cost.flops == attention_flops(batch, heads, 24, 32 * kv_len)
     assert plan.cost.collectives == 3
+    # K/V fetched in the forward (a third of the bytes); fetched again and dK/dV reduced in the backward.
+    assert 3 * plan.cost.forward.bytes == plan.cost.bytes
     # Rank 1 (the busiest: same pairs, more to fetch) has no local keys: nothing hides its fetch, one stage.
-    assert plan.cost.hidden == 0.0
+    assert plan.cost.forward.hidden == plan.cost.backward.hidden == 0.0
     one = MagiBackend().plan(_problem(1, length, "contiguous", batch, False, kv_len, heads=heads))
-    assert (one.cost.bytes, one.cost.hidden, one.cost.collectives) == (0, 0.0, 0)
+    assert (one.cost.bytes, one.cost.forward.hidden, one.cost.collectives) == (0, 0.0, 0)
     deeper = MagiBackend().plan(
         _problem(2, length, "contiguous", batch, False, None, heads=heads, options=MagiOptions(overlap_degree=4))
     )
     # 4 stages: every fetch hidden (the first under the local stage), 3 of 4 stages' dK/dV reduces.
-    assert deeper.cost.collectives == 12 and deeper.cost.hidden == pytest.approx((4 + 2 * 3 / 4) / 6)
+    hidden = (2 * deeper.cost.forward.hidden + 4 * deeper.cost.backward.hidden) / 6  # weighted by the bytes
+    assert deeper.cost.collectives == 12 and hidden == pytest.approx((4 + 2 * 3 / 4) / 6)
 
 
 # --- the plan around an emulated MagiAttention ---------------------------------------------------------------------

@@ -42,14 +42,22 @@ from typing import Any
 
 import torch
 
-from mosaic.attention import MultiAxisAttention
-from mosaic.backend import Backend, BackendNotSupported, Capabilities, Plan
-from mosaic.context import Context
-from mosaic.functional import plan_for
-from mosaic.layout import SeqLayout
-from mosaic.options import Options, check_shape
-from mosaic.problem import AttentionProblem
-from mosaic.registry import BackendUnavailable, get_backend
+from mosaic.sdk import (
+    AttentionProblem,
+    Backend,
+    BackendNotSupported,
+    BackendUnavailable,
+    Capabilities,
+    Context,
+    Cost,
+    MultiAxisAttention,
+    Options,
+    Plan,
+    SeqLayout,
+    check_shape,
+    get_backend,
+    plan_inner,
+)
 
 from .exchange import HeadExchange, merge_spans
 from .ulysses import exchange_cost, head_exchanges, head_split_reasons, to_heads
@@ -158,16 +166,24 @@ class ComposedBackend(Backend):
             ]
         return [f"seq_parallel={o.seq_parallel!r}: {r}" for r in inner_backend.not_supported_reasons(inner)]
 
+    def estimate(self, problem: AttentionProblem) -> Cost:
+        p, o = problem, problem.options
+        inner = get_backend(o.seq_parallel).estimate(_inner_problem(p, o))
+        if not o.head_parallel:
+            return inner
+        h, s = o.mesh_shape
+        return exchange_cost(p, [range(c * h, (c + 1) * h) for c in range(s)]) + inner
+
     def plan(self, problem: AttentionProblem) -> Plan:
         p, o = problem, problem.options
         inner_backend = get_backend(o.seq_parallel)
         if not o.head_parallel:
-            inner = plan_for(inner_backend, _inner_problem(p, o), p.context)
+            inner = plan_inner(inner_backend, _inner_problem(p, o))
             return ComposedPlan(p, inner.cost, None, None, inner)
         h, s = o.mesh_shape
         grid = p.context.grid((s, h), ("seq", "head"), p.group)
         seq, head = grid.coords
-        inner = plan_for(inner_backend, _inner_problem(p, o, grid.group("seq")), p.context)
+        inner = plan_inner(inner_backend, _inner_problem(p, o, grid.group("seq")))
         q_exchange, kv_exchange = head_exchanges(p, range(seq * h, (seq + 1) * h), grid.group("head"), head)
         exchange = exchange_cost(p, [range(c * h, (c + 1) * h) for c in range(s)])
         return ComposedPlan(p, exchange + inner.cost, q_exchange, kv_exchange, inner)

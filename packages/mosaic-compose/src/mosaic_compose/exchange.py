@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mosaic.comm import all_to_all_uneven
-from mosaic.layout import Span
+from mosaic.sdk import Span, all_to_all_uneven
 
 Run = tuple[int, int]  # (first row, row count)
 

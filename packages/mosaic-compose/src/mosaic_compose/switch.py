@@ -52,15 +52,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mosaic import blockwise
-from mosaic.backend import Backend, Capabilities, Plan
-from mosaic.comm import all_to_all_uneven
-from mosaic.cost import Cost, attention_flops
-from mosaic.kernels import lse_dtype
-from mosaic.layout import Span, split_sizes
-from mosaic.local import span_plan
-from mosaic.options import Options
-from mosaic.problem import AttentionProblem, KeyBlock
+from mosaic.sdk import (
+    AttentionProblem,
+    Backend,
+    Capabilities,
+    Cost,
+    KeyBlock,
+    Options,
+    Pass,
+    Plan,
+    Span,
+    all_to_all_uneven,
+    attention_passes,
+    blockwise,
+    lse_dtype,
+    span_plan,
+    split_sizes,
+)
 
 from .exchange import merge_spans
 
@@ -322,12 +330,12 @@ def switch_cost(problem: AttentionProblem, split: BatchSplit) -> Cost:
     # Kept for the backward: the switched q, k, v and output, and the fp32 (fp64) log-sum-exp.
     lse = torch.empty((), dtype=lse_dtype(p.dtype)).element_size()
     memory = busiest * (p.head_dim * e * (2 * p.heads * queries + 2 * p.kv_heads * keys) + lse * p.heads * queries)
+    forward, backward = attention_passes(busiest, p.heads, p.head_dim, pairs)
+    traffic = [switch_traffic(p, r) for r in range(p.size)]
     return Cost(
-        flops=attention_flops(busiest, p.heads, p.head_dim, pairs),
-        bytes=max(sum(switch_traffic(p, r)) for r in range(p.size)),
-        hidden=0.0,
+        Pass(forward, max(t[0] for t in traffic), 0.0, 2),
+        Pass(backward, max(t[1] for t in traffic), 0.0, 2),
         memory=memory,
-        collectives=4,
     )
 
 

@@ -25,10 +25,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mosaic.backend import Backend, Capabilities, Plan
-from mosaic.blockwise import Piece, SpanAttention, blocks
-from mosaic.cost import Cost, attention_flops
-from mosaic.problem import AttentionProblem
+from mosaic.sdk import (
+    AttentionProblem,
+    Backend,
+    Capabilities,
+    Cost,
+    Pass,
+    Piece,
+    Plan,
+    SpanAttention,
+    attention_passes,
+    blocks,
+)
 
 from .exchange import HeadExchange
 
@@ -72,7 +80,8 @@ def exchange_cost(problem: AttentionProblem, members: Sequence[Sequence[int]]) -
         keys = sum(p.kv_block(r).size for r in group)
         worst = max(worst, (h - 1) / h * (2 * rows * p.heads + 2 * keys * p.kv_heads) / h)
     # Forward: q, k, v in and the output back; the backward moves the same again.
-    return Cost(bytes=2 * p.batch * p.head_dim * e * worst, collectives=4)
+    moved = p.batch * p.head_dim * e * worst
+    return Cost(Pass(bytes=moved, collectives=2), Pass(bytes=moved, collectives=2))
 
 
 def to_heads(
@@ -113,13 +122,15 @@ class UlyssesBackend(Backend):
         p = problem
         q_exchange, kv_exchange = head_exchanges(p, range(p.size), p.group, p.rank)
         pieces = blocks(q_exchange.positions, kv_exchange.positions, causal=p.causal, spec=p.block_spec())
-        flops = attention_flops(p.batch, p.heads // p.size, p.head_dim, sum(p.pairs(r) for r in range(p.size)))
-        exchange = exchange_cost(p, [range(p.size)])
-        e = torch.empty((), dtype=p.dtype).element_size()
-        keys = sum(kv_exchange.rows)
-        memory = p.batch * p.head_dim * e * (2 * p.heads * p.q_layout.total + 2 * p.kv_heads * keys) // p.size
-        cost = Cost(flops, exchange.bytes, 0.0, memory, exchange.collectives)
-        return UlyssesPlan(p, cost, q_exchange, kv_exchange, tuple(pieces))
+        return UlyssesPlan(p, _cost(p, sum(kv_exchange.rows)), q_exchange, kv_exchange, tuple(pieces))
+
+
+def _cost(p: AttentionProblem, keys: int) -> Cost:
+    """The exchanges, and the attention of ``H / P`` heads over the whole dim (``keys`` rows below ``kv_len``)."""
+    forward, backward = attention_passes(p.batch, p.heads // p.size, p.head_dim, sum(p.pairs(r) for r in range(p.size)))
+    e = torch.empty((), dtype=p.dtype).element_size()
+    memory = p.batch * p.head_dim * e * (2 * p.heads * p.q_layout.total + 2 * p.kv_heads * keys) // p.size
+    return exchange_cost(p, [range(p.size)]) + Cost(Pass(forward), Pass(backward), memory)
 
 
 @dataclass(frozen=True)

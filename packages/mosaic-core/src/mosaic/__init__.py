@@ -7,14 +7,22 @@ from typing import Any
 
 import torch.nn as nn
 
-from . import sharded
+from . import kernels, sharded
 from .attention import MultiAxisAttention
 from .auto import AutoBackend, explain
-from .backend import Backend, BackendNotSupported, Capabilities, Plan
+from .backend import Backend, Capabilities, Plan
+from .calibrate import calibrate
 from .context import Context, get_context, init, is_initialized, shutdown
-from .cost import Cost, Machine, calibrate
-from .errors import CallMismatchError, CollectiveTimeout
-from .functional import attention, prepare_backend
+from .cost import Cost, Machine, Pass
+from .declarations import ShardedDim
+from .errors import (
+    BackendNotSupported,
+    BackendUnavailable,
+    CallMismatchError,
+    CheckpointError,
+    CollectiveTimeout,
+)
+from .functional import attention, prepare_layer
 from .grads import check_replicas, reduce_gradients
 from .layout import SeqLayout, from_zigzag, to_zigzag
 from .local import LocalBackend
@@ -22,14 +30,13 @@ from .mha import MultiheadAttention
 from .options import NoOptions, Options
 from .problem import AttentionProblem
 from .registry import (
-    BackendUnavailable,
     available_backends,
     get_backend,
+    installed_backends,
     refresh_backends,
     register_backend,
     unregister_backend,
 )
-from .sharded import ShardedDim
 
 __version__ = "0.2.0"
 
@@ -41,6 +48,7 @@ __all__ = [
     "BackendUnavailable",
     "CallMismatchError",
     "Capabilities",
+    "CheckpointError",
     "CollectiveTimeout",
     "ComposedAttention",
     "Context",
@@ -53,6 +61,7 @@ __all__ = [
     "MultiheadAttention",
     "NoOptions",
     "Options",
+    "Pass",
     "Plan",
     "SeqLayout",
     "ShardedDim",
@@ -65,7 +74,9 @@ __all__ = [
     "get_backend",
     "get_context",
     "init",
+    "installed_backends",
     "is_initialized",
+    "kernels",
     "prepare",
     "reduce_gradients",
     "refresh_backends",
@@ -76,20 +87,16 @@ __all__ = [
     "unregister_backend",
 ]
 
-register_backend("local", LocalBackend)
-register_backend("auto", AutoBackend)
-
 
 def prepare(model: nn.Module) -> None:
-    """Create the process groups of every Mosaic layer in ``model`` now (collective over the world).
+    """Agree on the backend of every Mosaic layer in ``model`` and create their process groups, now.
 
-    Layers built after :func:`init` do it themselves; call this for a model built
-    before it, so that no group is created in the middle of a step.
+    Collective over the sp group. Layers built after :func:`init` do it themselves; call this
+    for a model built before it, so that no group is created in the middle of a step.
     """
-    ctx = get_context()
     for module in model.modules():
-        if isinstance(module, MultiAxisAttention) and module.backend.capabilities.distributed:
-            prepare_backend(module.backend, module.options, ctx, module.description)
+        if isinstance(module, MultiAxisAttention):
+            prepare_layer(module.backend, module.options, module.description)
 
 
 # Names provided by the other packages, imported on first use.

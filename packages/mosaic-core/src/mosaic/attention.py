@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .context import get_context, is_initialized
-from .functional import UNCHECKED, Call, attend, prepare_backend
-from .layout import LAYOUTS, LayoutKind, check_layout
+from .functional import Call, attend, prepare_layer
+from .layout import LayoutKind, check_layout
 from .problem import kv_len_int
 from .registry import get_backend
 
@@ -76,10 +76,11 @@ class MultiAxisAttention(nn.Module):
         backend_options: the backend's options (``mosaic.get_backend(name).Options``),
             checked here: an unknown option raises, listing the valid ones.
         sharded: whether the attention dim is sharded over the sp group. ``None`` (default)
-            checks the backend against what ``ctx.shard`` / ``ctx.declare_sharded``
-            recorded: a distributed backend over a dim that is not declared sharded, or
+            checks the backend against what ``ctx.shard`` / ``ctx.sharded_dim`` declared
+            (:mod:`mosaic.declarations`: by the dim's length, so reshapes between them change
+            nothing): a distributed backend over a dim that is not declared sharded, or
             ``local`` over one that is, raises on every rank instead of computing the
-            wrong thing. ``True``/``False`` declares it for this module alone.
+            wrong thing. ``True``/``False`` says it for this module alone.
         inference_batch: without gradients (``torch.no_grad``, inference mode), project and
             attend at most this many entries of the folded batch' at a time, so the working
             memory is that of a chunk, not of q, k and v for the whole tensor. The chunks follow
@@ -186,8 +187,7 @@ class MultiAxisAttention(nn.Module):
         if self.sharded is False and backend.capabilities.distributed:
             raise ValueError(f"backend {name!r} shards the attention dim, but the module says sharded=False")
         self.backend, self.options = backend, parsed
-        if is_initialized() and backend.capabilities.distributed:
-            prepare_backend(backend, parsed, get_context(), self.description)
+        prepare_layer(backend, parsed, self.description)
 
     def extra_repr(self) -> str:
         options = f", {self.options}" if self.backend_options else ""
@@ -285,7 +285,22 @@ class MultiAxisAttention(nn.Module):
         xq = fold(x, dim)[0]
         xk = None if kv is None else fold(kv, dim)[0]
         xv = None if value is None else fold(value, dim)[0]
-        return self._project(xq, xk, xv)
+        q, k, v = self._project(xq, xk, xv)
+        if self._split(kv if kv is not None else x, dim):
+            # Keys of this rank's rows of a sharded dim: mosaic.attention(..., backend="local") refuses them.
+            k._mosaic_sharded = v._mosaic_sharded = True
+        return q, k, v
+
+    def _split(self, x: torch.Tensor, dim: int) -> bool:
+        """Whether dim ``dim`` of ``x`` is this rank's part of a declared sharded dim (by its place and its length)."""
+        if self.sharded is not None or not is_initialized() or get_context().sp_size == 1:
+            return bool(self.sharded)
+        declared = get_context().declarations.at(dim)
+        if declared is None:
+            return False
+        if declared.layout is None:  # declared sharded without its length: the place alone says it
+            return True
+        return declared.layout.lengths[get_context().sp_rank] == x.shape[dim] < declared.total
 
     def _project(self, xq: torch.Tensor, xk: torch.Tensor | None, xv: torch.Tensor | None = None):
         b, length, _ = xq.shape
@@ -325,7 +340,11 @@ class MultiAxisAttention(nn.Module):
                 declaration check; default ``attention_axis`` when it is non-negative.
             batch_shape: the dims folded into batch' (for backends that redistribute them).
         """
-        call = self._call(kv_len_int(kv_len), causal, dim, batch_shape or (q.shape[0],))
+        call = self._call(kv_len_int(kv_len), causal, batch_shape or (q.shape[0],))
+        if dim is None and self.attention_axis >= 0:
+            dim = self.attention_axis
+        if dim is not None and not self.backend.capabilities.distributed and getattr(k, "_mosaic_sharded", False):
+            return attend(None, None, None, call, error=self._local_over_sharded(dim))
         return attend(q, k, v, call)
 
     def output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -336,7 +355,12 @@ class MultiAxisAttention(nn.Module):
         return unfold(self.out_proj(out), fold(x, dim)[1], dim)
 
     def forward(
-        self, x: torch.Tensor, kv: torch.Tensor | None = None, *, kv_len: int | None = None, causal: bool = False
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor | None = None,
+        *more: torch.Tensor,
+        kv_len: int | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         """Attention over ``attention_axis``; returns a tensor shaped like ``x``.
 
@@ -351,15 +375,19 @@ class MultiAxisAttention(nn.Module):
             causal: query ``i`` attends to keys ``j <= i`` (global positions).
         """
         try:
-            if kv is x:
-                raise ValueError(
-                    f"{self.description} was called as attn(x, x): it returns a tensor, not nn.MultiheadAttention's "
-                    "(output, weights), so attn(x, x)[0] would take batch element 0. Call attn(x) for "
-                    "self-attention, or use mosaic.MultiheadAttention for nn.MultiheadAttention's call convention"
+            if more or kv is x:
+                raise (TypeError if more else ValueError)(
+                    f"{self.description} was called as attn({', '.join(['x'] * (2 + len(more)))}): it takes the "
+                    "input (and, for cross-attention, the source of keys and values) and returns a tensor, not "
+                    "nn.MultiheadAttention's (output, weights), so attn(x, x)[0] would take batch element 0. Call "
+                    "attn(x) for self-attention or attn(x, kv) for cross-attention, or use mosaic.MultiheadAttention "
+                    "for nn.MultiheadAttention's call attn(query, key, value, need_weights=False)[0]"
                 )
             kv_len = kv_len_int(kv_len)
-            dim = self.attention_axis % x.dim()
+            dim = self.attention_dim(x)
             batch_shape = tuple(fold(x, dim)[1])
+            if not self.backend.capabilities.distributed and self._split(kv if kv is not None else x, dim):
+                raise self._local_over_sharded(dim)
             chunked = self.inference_batch is not None and not torch.is_grad_enabled()
             if chunked and math.prod(batch_shape) > self.inference_batch:
                 self.check_inputs(x, kv)
@@ -367,15 +395,20 @@ class MultiAxisAttention(nn.Module):
                 chunked = False
                 q, k, v = self._project_call(x, kv, dim, kv_len)
         except (TypeError, ValueError) as exc:
-            if not self.backend.capabilities.distributed:
-                raise
-            # Every rank of the sp group must learn of it: they are waiting at this call's guard.
-            attend(None, None, None, self._call(None, causal, None, ()), error=exc)
-            raise AssertionError("unreachable: the guard raises") from exc
+            # With a distributed backend every rank of the sp group must learn of it: they are about to agree.
+            return attend(None, None, None, self._call(None, causal, ()), error=exc)
         if chunked:
             return self._chunked(x, kv, dim, kv_len, causal)
-        out = attend(q, k, v, self._call(kv_len, causal, dim, batch_shape))
+        out = attend(q, k, v, self._call(kv_len, causal, batch_shape))
         return self.output(out, x)
+
+    def _local_over_sharded(self, dim: int) -> ValueError:
+        return ValueError(
+            f"{self.description} attends over dim {dim}, which is sharded over the sp group (ctx.shard(..., "
+            f"dim={dim}) or ctx.sharded_dim(..., dim={dim})): backend 'local' would see only this rank's rows. "
+            "Choose a distributed backend ('allgather', 'ring', 'auto', ...), or pass sharded=False to the module "
+            "if this tensor's dim is whole on every rank"
+        )
 
     def _project_call(self, x, kv, dim: int, kv_len: int | None):
         """:meth:`project` for a call; in self-attention over a whole dim with a key prefix, keys
@@ -398,7 +431,7 @@ class MultiAxisAttention(nn.Module):
                 part = (*index, slice(start, start + step))
                 xq = moved[part]
                 q, k, v = self._project(xq, None if source is None else source[part])
-                out = attend(q, k, v, self._call(kv_len, causal, dim, (xq.shape[0],)))
+                out = attend(q, k, v, self._call(kv_len, causal, (xq.shape[0],)))
                 b, _, length, _ = out.shape
                 y = self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
                 if result is None:
@@ -406,7 +439,7 @@ class MultiAxisAttention(nn.Module):
                 result[part] = y
         return result.movedim(-2, dim)
 
-    def _call(self, kv_len: int | None, causal: bool, dim: int | None, batch_shape: tuple[int, ...]) -> Call:
+    def _call(self, kv_len: int | None, causal: bool, batch_shape: tuple[int, ...]) -> Call:
         return Call(
             self.backend,
             self.options,
@@ -417,30 +450,5 @@ class MultiAxisAttention(nn.Module):
             self.dropout if self.training else 0.0,
             tuple(batch_shape),
             self.description,
-            self._declared(dim),
+            self.sharded,
         )
-
-    def _declared(self, dim: int | None) -> int:
-        """The sharding declaration of the attention dim, as the guard compares it."""
-        distributed = self.backend.capabilities.distributed
-        if self.sharded is not None:
-            if self.sharded and not distributed:
-                raise ValueError(
-                    f"{self.description}: sharded=True, but backend 'local' sees only this rank's rows; "
-                    "choose a distributed backend"
-                )
-            return 1 + LAYOUTS.index(self.layout) if self.sharded else UNCHECKED
-        if dim is None and self.attention_axis >= 0:
-            dim = self.attention_axis
-        if dim is None or not is_initialized():
-            return UNCHECKED
-        ctx = get_context()
-        code = ctx.sharding_code(dim)
-        if not distributed and code and ctx.sp_size > 1:
-            raise ValueError(
-                f"{self.description} attends over dim {dim}, which is sharded over the sp group "
-                f"(ctx.shard(..., dim={dim}) or ctx.declare_sharded({dim})): backend 'local' would see only this "
-                "rank's rows. Choose a distributed backend ('allgather', 'ring', 'auto', ...), or pass "
-                "sharded=False to the module if this tensor's dim is whole on every rank"
-            )
-        return code if distributed else UNCHECKED

@@ -1,32 +1,39 @@
-"""``backend="auto"`` and ``mosaic.explain``: rank every installed strategy by its plan's cost.
+"""``backend="auto"`` and ``mosaic.explain``: rank every installed strategy by its estimated cost.
 
 For a problem, every installed backend is asked (in the manner of xformers'
 dispatch walk) for the option sets worth trying (``Backend.candidate_options``:
 the defaults, every mesh shape of the group, ...); each one that accepts the
-problem plans it, and :meth:`mosaic.cost.Machine.seconds` turns the plan's
-:class:`~mosaic.cost.Cost` into an estimate. The cheapest plan whose memory
-fits the budget runs. Plans and costs are decided from facts every rank
-shares, and the pick is checked across the sp group once per problem, so
-every rank runs the same strategy. :func:`explain` returns (and prints) the
-whole ranking, with every rejected backend's reasons.
+problem is priced (``Backend.estimate``: pure, no group made, no collective)
+and :meth:`mosaic.cost.Machine.seconds` turns its cost into an estimate — its
+forward alone when no backward will run. The cheapest whose memory fits the
+budget is planned and runs. Every rank ranks alike: the backends installed
+and the machine's rates are part of what the ranks agree on before a plan is
+made (:meth:`AutoBackend.agreement_digest`), so ranks that would choose
+differently raise together instead. :func:`explain` returns (and prints) the
+whole ranking, with every rejected backend's reasons and the kernels of the
+chosen plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .backend import Backend, BackendNotSupported, Capabilities, Plan
+from .backend import Backend, Capabilities, Plan
+from .context import get_context, is_initialized
 from .cost import Cost, Machine, default_machine
-from .guard import HELPER, site_id
+from .errors import BackendNotSupported, BackendUnavailable
+from .functional import agreed_problem
 from .kernels import ranking
 from .options import Options
-from .problem import AttentionProblem
-from .registry import BackendUnavailable, available_backends, get_backend
+from .plans import plan_inner
+from .problem import AttentionProblem, kv_len_int
+from .registry import get_backend, installed_backends
 
 __all__ = ["AutoBackend", "AutoOptions", "Candidate", "Explanation", "explain", "rank"]
 
@@ -62,7 +69,6 @@ class Candidate:
     seconds: float | None = None
     cost: Cost | None = None
     reasons: tuple[str, ...] = ()
-    plan: Plan | None = None
 
     @property
     def accepted(self) -> bool:
@@ -71,11 +77,15 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Explanation:
-    """The ranking ``auto`` made for one problem: accepted candidates fastest first, then the rejected."""
+    """The ranking ``auto`` made for one problem: accepted candidates fastest first, then the rejected.
+
+    ``plan`` is the chosen candidate's plan when :func:`explain` built it (to show its kernels).
+    """
 
     problem: AttentionProblem
     machine: Machine
     candidates: tuple[Candidate, ...]
+    plan: Plan | None = None
 
     @property
     def chosen(self) -> Candidate | None:
@@ -87,10 +97,12 @@ class Explanation:
 
     def __str__(self) -> str:
         p = self.problem
+        mode = "forward + backward" if p.backward else "forward only (no backward runs)"
         lines = [
             f"attention of batch' {p.batch}, {p.heads} heads ({p.kv_heads} kv), head dim {p.head_dim}, "
             f"{p.q_layout.total} queries x {p.kv_layout.total} keys over {p.size} ranks"
-            f"{f', kv_len {p.kv_len}' if p.kv_len is not None else ''}{', causal' if p.causal else ''}, {p.dtype}",
+            f"{f', kv_len {p.kv_len}' if p.kv_len is not None else ''}{', causal' if p.causal else ''}, {p.dtype}, "
+            f"ranked by {mode}",
             f"{'backend':<16}{'options':<62}{'estimate':>12}{'GiB/rank':>10}{'MiB recv':>10}",
         ]
         for c in self.candidates:
@@ -101,26 +113,23 @@ class Explanation:
                     f"{c.backend:<16}{opts[:61]:<62}{c.seconds * 1e3:>10.3f}ms{c.cost.memory / 2**30:>10.3f}"
                     f"{c.cost.bytes / 2**20:>10.1f}{mark}"
                 )
-                if c.plan is not None and c.plan.kernels():
-                    lines.append(f"{'':<18}kernels: {', '.join(c.plan.kernels())}")
-        if self.chosen is not None and self.chosen.plan is not None:
-            lines += _kernel_lines(self.chosen.plan)
         for c in self.candidates:
             if not c.accepted:
                 lines.append(f"{c.backend:<16}{((c.options and str(c.options)) or '')[:61]:<62}  rejected:")
                 lines += [f"{'':<18}- {r}" for r in c.reasons]
+        if self.plan is not None:
+            lines += _kernel_lines(self.plan)
         return "\n".join(lines)
 
 
 def rank(problem: AttentionProblem, options: AutoOptions | None = None) -> Explanation:
-    """Every candidate for ``problem``, accepted ones cheapest first (ties by name), then the rejected."""
-    from .functional import plan_for
+    """Every candidate for ``problem``, accepted ones cheapest first (ties by name), then the rejected.
 
+    Pure: candidates are priced by :meth:`Backend.estimate`, nothing is planned, no collective runs.
+    """
     options = options or AutoOptions()
-    machine = default_machine(problem.device)
-    if options.memory_budget is not None:
-        machine = dataclasses.replace(machine, memory_budget=options.memory_budget)
-    names = options.candidates or tuple(n for n in available_backends() if n != "auto")
+    machine = _machine(problem, options)
+    names = options.candidates or tuple(n for n in installed_backends() if n != "auto")
     found: list[Candidate] = []
     for name in names:
         try:
@@ -135,86 +144,97 @@ def rank(problem: AttentionProblem, options: AutoOptions | None = None) -> Expla
         if not tries:
             found.append(Candidate(name, None, reasons=("has no option set to try without explicit options",)))
         for opts in tries:
-            found.append(_candidate(backend, dataclasses.replace(problem, options=opts), machine, plan_for))
+            found.append(_candidate(backend, dataclasses.replace(problem, options=opts), machine))
     accepted = sorted((c for c in found if c.accepted), key=lambda c: (c.seconds, c.backend, str(c.options)))
     return Explanation(problem, machine, tuple(accepted + [c for c in found if not c.accepted]))
 
 
-def _candidate(backend: Backend, problem: AttentionProblem, machine: Machine, plan_for) -> Candidate:
+def _machine(problem: AttentionProblem, options: AutoOptions) -> Machine:
+    machine = default_machine(problem.device)
+    if options.memory_budget is not None:
+        machine = dataclasses.replace(machine, memory_budget=options.memory_budget)
+    return machine
+
+
+def _candidate(backend: Backend, problem: AttentionProblem, machine: Machine) -> Candidate:
     reasons = backend.not_supported_reasons(problem)
     if reasons:
         return Candidate(backend.name, problem.options, reasons=tuple(reasons))
-    plan = plan_for(backend, problem, problem.context)
-    if not machine.fits(plan.cost):
-        why = (
-            f"needs {plan.cost.memory / 2**30:.2f} GiB per rank, over the budget of {machine.memory_budget / 2**30:.2f}"
-        )
-        return Candidate(backend.name, problem.options, cost=plan.cost, reasons=(why,))
-    return Candidate(backend.name, problem.options, machine.seconds(plan.cost), plan.cost, plan=plan)
+    cost = backend.estimate(problem)
+    if not machine.fits(cost):
+        why = f"needs {cost.memory / 2**30:.2f} GiB per rank, over the budget of {machine.memory_budget / 2**30:.2f}"
+        return Candidate(backend.name, problem.options, cost=cost, reasons=(why,))
+    return Candidate(backend.name, problem.options, machine.seconds(cost, backward=problem.backward), cost)
 
 
 def _kernel_lines(plan: Plan) -> list[str]:
-    """Why the chosen plan's largest block runs on its kernel and not on the others."""
+    """The chosen plan's kernels, and why its largest block runs on its kernel and not on the others."""
     pieces = plan.block_pieces()
     if not pieces:
         return []
     largest = max(pieces, key=lambda p: p.q_len * p.k_len)
     spec = plan.problem.block_spec(largest.q_len, largest.k_len, largest.causal)
-    lines = [f"kernels for the chosen plan's largest block ({spec.q_len} x {spec.k_len} rows):"]
+    lines = [f"the chosen plan runs its blocks on: {', '.join(plan.kernels())}",
+             f"kernels for its largest block ({spec.q_len} x {spec.k_len} rows):"]  # fmt: skip
     return lines + [f"  {name:<12}{verdict}" for name, verdict in ranking(spec, largest.kernel)]
 
 
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} bytes"
-
-
 class AutoBackend(Backend):
-    """The cheapest installed strategy for each problem, by its plan's cost (``mosaic.explain`` shows why)."""
+    """The cheapest installed strategy for each problem, by its estimated cost (``mosaic.explain`` shows why)."""
 
     name = "auto"
     capabilities = Capabilities()
     Options = AutoOptions
 
-    def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
-        if rank(problem, problem.options).chosen is not None:
-            return []
-        return ["no installed backend can run it:\n" + str(rank(problem, problem.options))]
+    def agreement_digest(self, options: Options) -> int:
+        """Options, the backends that could be candidates and the machine's rates: what decides the ranking."""
+        names = options.candidates or tuple(n for n in installed_backends() if n != "auto")
+        machines = [default_machine(torch.device(kind)) for kind in ("cpu", "cuda")]
+        return zlib.crc32(repr((options.digest(), names, machines)).encode())
 
-    def plan(self, problem: AttentionProblem) -> Plan:
+    def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
+        explanation = rank(problem, problem.options)
+        if explanation.chosen is not None:
+            return []
+        return ["no installed backend can run it:\n" + str(explanation)]
+
+    def _chosen(self, problem: AttentionProblem) -> tuple[Backend, AttentionProblem]:
         chosen = rank(problem, problem.options).chosen
         if chosen is None:
             raise BackendNotSupported(self.not_supported_reasons(problem)[0])
-        if problem.context is not None:
-            # Installed packages or rates set by hand could differ between ranks: check the pick.
-            rows = problem.context.guard.agree(HELPER, "backend='auto'", [site_id(f"{chosen.backend}{chosen.options}")])
-            if len(set(rows)) != 1:
-                raise BackendNotSupported(
-                    "backend='auto' chose different strategies on different ranks (different packages installed, "
-                    "or different rates from mosaic.cost.set_machine/calibrate); install the same backends everywhere"
-                )
-        return chosen.plan
+        return get_backend(chosen.backend), dataclasses.replace(problem, options=chosen.options)
+
+    def estimate(self, problem: AttentionProblem) -> Cost:
+        backend, inner = self._chosen(problem)
+        return backend.estimate(inner)
+
+    def plan(self, problem: AttentionProblem) -> Plan:
+        backend, inner = self._chosen(problem)
+        return plan_inner(backend, inner)
 
 
 def explain(module: torch.nn.Module, x: torch.Tensor, kv: torch.Tensor | None = None, **forward_kwargs: Any):
     """The ranking ``backend="auto"`` makes for ``module(x, kv, **forward_kwargs)``; prints it on rank 0.
 
-    Collective over the sp group like the call itself. Works for any module's
-    settings (whatever its backend): it describes the problem the call would pose,
-    with the module's ``auto`` options when its backend is ``auto``.
+    Collective over the sp group like the call itself: a bad input on one rank raises the same
+    error on every rank. Works for any module's settings (whatever its backend): it describes the
+    problem the call would pose, with the module's ``auto`` options when its backend is ``auto``,
+    and builds the chosen plan to show its kernels.
     """
-    from .context import get_context, is_initialized
-    from .functional import agreed_problem
-
-    q, k, _ = module.project(x, kv)
-    call = module._call(forward_kwargs.get("kv_len"), forward_kwargs.get("causal", False), None, (q.shape[0],))
+    auto = get_backend("auto")
     options = module.options if isinstance(module.options, AutoOptions) else AutoOptions()
-    call = dataclasses.replace(call, backend=get_backend("auto"), options=options, declared=-1)
-    ctx = get_context() if is_initialized() else None
-    problem = agreed_problem(q, k, call, ctx)
+    call = dataclasses.replace(module._call(None, forward_kwargs.get("causal", False), ()), backend=auto,
+                               options=options, what=f"mosaic.explain({module.description})")  # fmt: skip
+    try:
+        q, k, _ = module.project(x, kv)
+        call = dataclasses.replace(call, kv_len=kv_len_int(forward_kwargs.get("kv_len")), batch_shape=(q.shape[0],))
+    except (TypeError, ValueError) as exc:
+        agreed_problem(None, None, call, error=exc)
+        raise AssertionError("unreachable: agreed_problem raises the error it is given") from exc
+    problem = agreed_problem(q, k, call)
     explanation = rank(problem, options)
-    if ctx is None or ctx.rank == 0:
+    if explanation.chosen is not None:
+        explanation = dataclasses.replace(explanation, plan=auto.plan(problem))
+    if not is_initialized() or get_context().rank == 0:
         print(explanation)
     return explanation

@@ -1,11 +1,19 @@
-"""The backend contract: what a strategy declares, what it plans, what it runs.
+"""The backend contract: what a strategy declares, how it is priced, what it plans, what it runs.
 
 A backend turns an :class:`~mosaic.problem.AttentionProblem` — facts every
-rank of the sp group shares — into a frozen :class:`Plan`: everything the
-call needs that can be decided from those facts (blocks, step sizes, busy
-tables, groups, exchanges) and its :class:`~mosaic.cost.Cost`. Mosaic caches
-plans by the facts that decide them, so a call with the same shapes only
-executes: ``plan(q, k, v)`` runs collectives and kernels and nothing else.
+rank of the sp group shares — into
+
+- a :class:`~mosaic.cost.Cost` (:meth:`Backend.estimate`): what it would cost,
+  forward and backward, on the busiest rank. Pricing is pure: no process
+  group is made, no collective runs, and every rank gets the same answer
+  (``auto`` and ``explain`` price every candidate);
+- a frozen :class:`Plan` (:meth:`Backend.plan`) for the one that runs:
+  everything the call needs that can be decided from those facts (blocks and
+  their kernels, step sizes, busy tables, exchanges) and the groups it runs
+  on, taken from the context's one set of groups (made when the layer was
+  built). Mosaic caches plans by the facts that decide them, so a call with
+  the same facts only executes: ``plan(q, k, v)`` runs collectives and kernels
+  and nothing else.
 
 A backend declares what it supports in :class:`Capabilities` and its typed
 options in ``Options`` (a frozen :class:`~mosaic.options.Options` dataclass);
@@ -25,6 +33,7 @@ import torch
 
 from .blockwise import Piece, kernels_of
 from .cost import Cost
+from .errors import BackendNotSupported
 from .layout import LAYOUTS
 from .options import NoOptions, Options
 
@@ -35,10 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["FLOAT_DTYPES", "Backend", "BackendNotSupported", "Capabilities", "Plan"]
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
-
-class BackendNotSupported(ValueError):
-    """The chosen backend can't run this input; the message lists why."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,19 @@ class Backend(ABC):
         """Reasons beyond the declared capabilities (e.g. divisibility); override as needed."""
         return []
 
+    def agreement_digest(self, options: Options) -> int:
+        """What the ranks must agree on about this backend beyond its name: its options (override to add
+        facts a rank decides from its own environment, as ``auto`` does with its machine model)."""
+        return options.digest()
+
+    def estimate(self, problem: AttentionProblem) -> Cost:
+        """The cost of running ``problem`` (which :meth:`check` accepted), without building anything.
+
+        Pure: no process group is made and no collective runs, and every rank gets the same cost.
+        The default prices the plan itself; a backend whose plan takes groups overrides it.
+        """
+        return self.plan(problem).cost
+
     def check(self, problem: AttentionProblem) -> None:
         reasons = self.not_supported_reasons(problem)
         if reasons:
@@ -175,4 +193,7 @@ class Backend(ABC):
 
     @abstractmethod
     def plan(self, problem: AttentionProblem) -> Plan:
-        """The schedule for ``problem`` (which :meth:`check` accepted); decided from shared facts only."""
+        """The schedule for ``problem`` (which :meth:`check` accepted); decided from shared facts only.
+
+        Its groups come from ``problem.context.grid`` (made at :meth:`prepare`, else here, once).
+        """

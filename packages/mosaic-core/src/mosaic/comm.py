@@ -10,6 +10,12 @@ GPU kernels on every strategy's code path (``mosaic.init(backend="gloo",
 device="cuda:0")``, tests/gpu/check_backends.py ``--one-gpu``). It is a test
 mode: each transfer costs two host copies.
 
+A collective that fails (a peer did not come within ``collective_timeout``,
+or left) fails the call it serves: :func:`serving` names that call's failure
+handler, and the handler makes every rank raise the same error once the
+ranks have agreed on it (``Context.fail``), in the forward and in the
+backward alike.
+
 Every collective here reports to :func:`count_traffic`: the bytes that reach
 this rank, as the bandwidth-optimal algorithm moves them (an all-gather brings
 every other rank's rows; a reduce-scatter brings ``P - 1`` copies of this
@@ -37,16 +43,23 @@ __all__ = [
     "RingComm",
     "TrafficMeter",
     "all_gather_uneven",
+    "all_reduce",
     "all_reduce_sum",
     "all_to_all_uneven",
+    "blocking",
     "count_traffic",
+    "forget",
     "reduce_scatter_uneven",
     "resized",
     "rotate",
     "rotate_back",
+    "serving",
+    "set_backward",
+    "set_serving",
     "staged",
     "start_all_gather",
     "start_reduce_scatter",
+    "twin_for_backward",
 ]
 
 
@@ -90,6 +103,67 @@ def _record(group: dist.ProcessGroup, per_sender: list[int]) -> None:
                 meter.received_from[src] += nbytes
 
 
+# The failure handler of the call whose collectives run now (forward, or its backward): it returns the
+# error every rank raises. None outside a sharded call: the collective's own error is raised.
+_serving: Callable[[BaseException], BaseException] | None = None
+# gloo groups of the backward, one beside each of Mosaic's gloo groups: a rank that skipped a backward and
+# went on to the next forward must not pair its forward's collectives with the others' backward's (gloo
+# aborts the process on a size mismatch, or pairs them silently); on their own groups neither side comes,
+# both time out, and the ranks agree on the mismatch. NCCL has none (each communicator costs GPU memory):
+# torch's TORCH_DISTRIBUTED_DEBUG=DETAIL finds mismatched collectives there.
+_backward_groups: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
+_in_backward = False
+
+
+def twin_for_backward(group: dist.ProcessGroup, twin: dist.ProcessGroup) -> None:
+    """Carry the backward's collectives of ``group`` on ``twin`` (the same ranks)."""
+    _backward_groups[group] = twin
+
+
+def forget(groups: list[dist.ProcessGroup]) -> None:
+    """Drop the backward twins of ``groups`` (being destroyed)."""
+    for group in groups:
+        _backward_groups.pop(group, None)
+
+
+def set_backward(on: bool) -> bool:
+    """Route collectives to the backward's groups (``on``) or the forward's; returns the previous setting."""
+    global _in_backward
+    previous, _in_backward = _in_backward, on
+    return previous
+
+
+def _routed(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    return _backward_groups.get(group, group) if _in_backward else group
+
+
+@contextlib.contextmanager
+def serving(handler: Callable[[BaseException], BaseException] | None) -> Iterator[None]:
+    """Make ``handler`` the failure handler of the collectives run inside the block."""
+    global _serving
+    previous, _serving = _serving, handler
+    try:
+        yield
+    finally:
+        _serving = previous
+
+
+def set_serving(handler: Callable[[BaseException], BaseException] | None) -> None:
+    """Make ``handler`` the failure handler from now on (a backward pass, which has no block to run in)."""
+    global _serving
+    _serving = handler
+
+
+def blocking(run: Callable[[], object]) -> object:
+    """``run()``, a collective or the wait for one; its failure becomes the serving call's agreed error."""
+    try:
+        return run()
+    except RuntimeError as exc:
+        if _serving is None:
+            raise
+        raise _serving(exc) from exc
+
+
 def _slice_bytes(x: torch.Tensor, dim: int) -> int:
     """Bytes of one slice of ``x`` along ``dim``."""
     return math.prod(n for i, n in enumerate(x.shape) if i != dim) * x.element_size()
@@ -116,12 +190,13 @@ class Pending:
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            self._work.wait()
+            blocking(self._work.wait)
         return self._finish()
 
 
 def start_all_gather(x: torch.Tensor, sizes: list[int], dim: int, group: dist.ProcessGroup) -> Pending:
     """Start :func:`all_gather_uneven`; ``wait()`` returns its (contiguous) result."""
+    group = _routed(group)
     rank = dist.get_rank(group)
     if x.shape[dim] != sizes[rank]:
         raise ValueError(f"rank {rank} holds {x.shape[dim]} rows along dim {dim}, expected {sizes[rank]}")
@@ -168,6 +243,7 @@ def start_reduce_scatter(
     The conversion to ``dtype`` happens in the one copy that lays the rows out
     rank by rank for the collective.
     """
+    group = _routed(group)
     rank, dtype = dist.get_rank(group), dtype or x.dtype
     _record(group, [0 if r == rank else sizes[rank] * _slice_bytes(x, dim) for r in range(len(sizes))])
     chunks = x.split(sizes, dim)
@@ -202,15 +278,18 @@ class AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup):
         ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return all_reduce(x.clone(), group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return all_reduce(grad.clone(), ctx.group), None
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """``x`` reduced in place over ``group`` (not differentiable; :func:`all_reduce_sum` is)."""
+    group = _routed(group)
+    blocking(lambda: dist.all_reduce(x, op=op, group=group))
+    return x
 
 
 def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -224,6 +303,7 @@ def all_to_all_uneven(
     x: torch.Tensor, send: list[int], recv: list[int], dim: int, group: dist.ProcessGroup
 ) -> torch.Tensor:
     """Send rows ``split(send)[r]`` of ``x`` along ``dim`` to rank ``r``; concatenate what arrives."""
+    group = _routed(group)
     device = x.device
     x = x.movedim(dim, 0).contiguous()
     if staged(group, x):
@@ -231,7 +311,7 @@ def all_to_all_uneven(
     out = x.new_empty((sum(recv), *x.shape[1:]))
     me = dist.get_rank(group)
     _record(group, [0 if r == me else n * _slice_bytes(out, 0) for r, n in enumerate(recv)])
-    dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group)
+    blocking(lambda: dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group))
     return out.to(device).movedim(0, dim)
 
 
@@ -247,7 +327,7 @@ class RingComm:
     """
 
     def __init__(self, group: dist.ProcessGroup, reverse: bool = False):
-        self.group = group
+        self.group = group = _routed(group)
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         step = -1 if reverse else 1
@@ -255,7 +335,6 @@ class RingComm:
         self.next = dist.get_global_rank(group, self.next_rank)
         self.prev = dist.get_global_rank(group, self.prev_rank)
         self._queued: dict[bool, list[dist.P2POp]] = {False: [], True: []}
-        self._started: list[dist.P2POp] = []
         self._reqs: list = []
         self._landing: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host buffer, CUDA tensor): staged receives
 
@@ -285,17 +364,15 @@ class RingComm:
         """Start the queued transfers (``late``: those queued to follow the step's compute)."""
         ops = self._queued[late]
         if ops:
-            self._reqs += dist.batch_isend_irecv(ops)
-            self._started += ops
+            self._reqs += dist.batch_isend_irecv(ops)  # each request holds its tensors until done
             self._queued[late] = []
 
     def wait(self) -> None:
         for req in self._reqs:
-            req.wait()
+            blocking(req.wait)
         for host, target in self._landing:
             target.copy_(host)
-        # The ops hold the buffers until the transfers are done.
-        self._started, self._reqs, self._landing = [], [], []
+        self._reqs, self._landing = [], []
 
 
 class Pace:

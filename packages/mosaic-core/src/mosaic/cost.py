@@ -1,37 +1,28 @@
-"""What a plan costs, and the machine constants that turn a cost into seconds.
+"""What a plan costs, forward and backward apart, and the machine rates that turn a cost into seconds.
 
-Every plan carries a :class:`Cost`: the attention FLOPs this rank computes,
-the bytes that reach it through collectives, how much of that transfer its
-schedule hides behind compute, the extra memory it holds and its collective
-launches, forward and backward together. :class:`Machine` holds the rates
-those become seconds with; ``backend="auto"`` ranks the plans of every
-backend that accepts a problem by :meth:`Machine.seconds` and runs the
-cheapest whose memory fits the budget.
-
-The default rates are measurements (docs/benchmarks.md): H200, torch 2.11,
-bf16, cuDNN at head dim 24 runs attention at about 180 TFLOP/s forward and
-backward together; NCCL all-gather moved 309 GB/s and P2P 271 GB/s on one
-NVLink host; a host collective of a few bytes costs about 50 µs on gloo and
-20 µs on NCCL. On CPU the rates only need to order the strategies, which
-the same byte and FLOP counts do. :func:`calibrate` measures them on the
-machine at hand instead, agreed over the sp group so that every rank ranks
-the same way.
+Every plan carries a :class:`Cost`: for its forward and for its backward
+(:class:`Pass`), the attention FLOPs this rank computes, the bytes that reach
+it through collectives, how much of that transfer its schedule hides behind
+compute and its collective launches; and the extra memory it holds.
+:class:`Machine` holds the rates: ``backend="auto"`` ranks candidates by
+``Machine.seconds(cost)`` (forward only when no backward will run), and the
+scaling model (``benchmarks/scaling_model.py``) predicts step times with it.
+Everything here is arithmetic on facts every rank shares: the same on every
+rank, no collective, no process group.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
-__all__ = ["Cost", "Machine", "attention_flops", "calibrate", "default_machine", "set_machine"]
+__all__ = ["Cost", "Machine", "Pass", "attention_flops", "attention_passes", "default_machine", "set_machine"]
 
 
 @dataclass(frozen=True)
-class Cost:
-    """One call of a plan on this rank, forward + backward.
+class Pass:
+    """One direction (forward or backward) of a plan on its busiest rank.
 
     Args:
         flops: attention kernel FLOPs this rank computes.
@@ -39,22 +30,47 @@ class Cost:
         hidden: the fraction of those bytes whose transfer the schedule can run under
             compute (0: every byte is waited for, as a gather before the kernels;
             1: a double-buffered ring, whose steps overlap).
-        memory: bytes held beyond this rank's own q, k, v and output (gathered K/V, tiles).
         collectives: collective launches, a latency term.
     """
 
     flops: float = 0.0
     bytes: float = 0.0
     hidden: float = 0.0
-    memory: float = 0.0
     collectives: int = 0
 
-    def __add__(self, other: Cost) -> Cost:
+    def __add__(self, other: Pass) -> Pass:
         """Two steps one after the other (a composition's exchange and its inner strategy)."""
         total = self.bytes + other.bytes
         hidden = (self.hidden * self.bytes + other.hidden * other.bytes) / total if total else 0.0
-        memory, collectives = max(self.memory, other.memory), self.collectives + other.collectives
-        return Cost(self.flops + other.flops, total, hidden, memory, collectives)
+        return Pass(self.flops + other.flops, total, hidden, self.collectives + other.collectives)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One call of a plan on its busiest rank: its forward, its backward and the memory it holds.
+
+    ``memory``: bytes held beyond this rank's own q, k, v and output (gathered K/V, tiles).
+    """
+
+    forward: Pass = field(default_factory=Pass)
+    backward: Pass = field(default_factory=Pass)
+    memory: float = 0.0
+
+    @property
+    def flops(self) -> float:
+        return self.forward.flops + self.backward.flops
+
+    @property
+    def bytes(self) -> float:
+        return self.forward.bytes + self.backward.bytes
+
+    @property
+    def collectives(self) -> int:
+        return self.forward.collectives + self.backward.collectives
+
+    def __add__(self, other: Cost) -> Cost:
+        """Two steps one after the other; the memory of the larger (they do not overlap)."""
+        return Cost(self.forward + other.forward, self.backward + other.backward, max(self.memory, other.memory))
 
 
 @dataclass(frozen=True)
@@ -66,18 +82,22 @@ class Machine:
     latency_s: float
     memory_budget: float = float("inf")
 
-    def seconds(self, cost: Cost) -> float:
+    def pass_seconds(self, step: Pass) -> float:
         """Compute, plus the transfers the schedule cannot hide under it, plus launch latency."""
-        compute = cost.flops / self.flops_per_s
-        exposed = cost.bytes * (1 - cost.hidden) / self.bytes_per_s
-        hideable = cost.bytes * cost.hidden / self.bytes_per_s
-        return compute + exposed + max(0.0, hideable - compute) + cost.collectives * self.latency_s
+        compute = step.flops / self.flops_per_s
+        exposed = step.bytes * (1 - step.hidden) / self.bytes_per_s
+        hideable = step.bytes * step.hidden / self.bytes_per_s
+        return compute + exposed + max(0.0, hideable - compute) + step.collectives * self.latency_s
+
+    def seconds(self, cost: Cost, *, backward: bool = True) -> float:
+        """The forward's seconds, plus the backward's when one runs."""
+        return self.pass_seconds(cost.forward) + (self.pass_seconds(cost.backward) if backward else 0.0)
 
     def fits(self, cost: Cost) -> bool:
         return cost.memory <= self.memory_budget
 
 
-# H200 (docs/benchmarks.md, 2026-11-27): 161 ms for 4*B*H*N^2*d*3.5 FLOPs at (5, 4, 65536, 24).
+# H200 (docs/benchmarks.md, 2026-11-27): 161 ms for 4*B*H*N^2*d*3.5 FLOPs at (5, 4, 65536, 24) on cuDNN.
 _CUDA = Machine(flops_per_s=1.8e14, bytes_per_s=2.7e11, latency_s=2e-5)
 # A two-core CPU: only the ordering matters.
 _CPU = Machine(flops_per_s=2e10, bytes_per_s=2e9, latency_s=5e-5)
@@ -85,7 +105,7 @@ _machine: dict[str, Machine] = {}
 
 
 def default_machine(device: torch.device) -> Machine:
-    """The rates for ``device``: set by :func:`set_machine` or :func:`calibrate`, else the measured defaults."""
+    """The rates for ``device``: set by :func:`set_machine` or :func:`mosaic.calibrate`, else the measured defaults."""
     kind = device.type
     return _machine.get(kind) or (_CUDA if kind == "cuda" else _CPU)
 
@@ -98,59 +118,16 @@ def set_machine(device_type: str, machine: Machine | None) -> None:
         _machine[device_type] = machine
 
 
-def attention_flops(batch: int, heads: int, head_dim: int, pairs: int) -> float:
-    """FLOPs of attention over ``pairs`` visible (query, key) pairs per head, forward + backward.
+def attention_passes(batch: int, heads: int, head_dim: int, pairs: int) -> tuple[float, float]:
+    """FLOPs of attention over ``pairs`` visible (query, key) pairs per head: ``(forward, backward)``.
 
     The forward is two matmuls (4 d FLOPs a pair); the backward recomputes the
     scores and runs four more (10 d): 3.5 x the forward in all.
     """
-    return 14.0 * batch * heads * head_dim * pairs
+    unit = float(batch) * heads * head_dim * pairs
+    return 4.0 * unit, 10.0 * unit
 
 
-def calibrate(context=None, *, memory_budget: float | None = None, seconds: float = 0.2) -> Machine:
-    """Measure this machine's rates (a matmul and an all-gather on the sp group) and use them.
-
-    Collective over the sp group: every rank measures, and the slowest rank's
-    rates are taken, so that every rank ranks the backends the same way.
-    """
-    from .context import get_context
-
-    ctx = context or get_context()
-    device = ctx.device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    flops_per_s = 2 * 2048**3 / _time(lambda: a @ a, device, seconds)
-    bytes_per_s, latency = float("inf"), 0.0
-    if ctx.sp_group is not None and ctx.sp_size > 1:
-        part = torch.empty(16 << 20, dtype=torch.uint8, device=device)
-        whole = torch.empty(ctx.sp_size * part.numel(), dtype=torch.uint8, device=device)
-        from ._compat import all_gather_single
-
-        gather = lambda: all_gather_single(whole, part, group=ctx.sp_group)
-        bytes_per_s = (ctx.sp_size - 1) * part.numel() / _time(gather, device, seconds)
-        tiny = torch.empty(ctx.sp_size, dtype=torch.uint8, device=device)
-        latency = _time(lambda: all_gather_single(tiny, tiny[:1].clone(), group=ctx.sp_group), device, seconds / 4)
-        # The slowest rank decides: every rank must rank the same way.
-        rates = torch.tensor([1 / flops_per_s, 1 / bytes_per_s, latency], dtype=torch.float64, device=device)
-        dist.all_reduce(rates, op=dist.ReduceOp.MAX, group=ctx.sp_group)
-        flops_per_s, bytes_per_s, latency = 1 / rates[0].item(), 1 / rates[1].item(), rates[2].item()
-    budget = memory_budget
-    if budget is None:
-        budget = torch.cuda.mem_get_info(device)[0] * 0.8 if device.type == "cuda" else float("inf")
-    machine = replace(default_machine(device), flops_per_s=flops_per_s, bytes_per_s=bytes_per_s, latency_s=latency)
-    machine = replace(machine, memory_budget=budget)
-    set_machine(device.type, machine)
-    return machine
-
-
-def _time(fn, device: torch.device, seconds: float) -> float:
-    """Seconds per call of ``fn``, run repeatedly for about ``seconds``."""
-    fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or calls < 3:
-        fn()
-        calls += 1
-    sync()
-    return (time.perf_counter() - start) / calls
+def attention_flops(batch: int, heads: int, head_dim: int, pairs: int) -> float:
+    """Forward + backward FLOPs of :func:`attention_passes`."""
+    return sum(attention_passes(batch, heads, head_dim, pairs))

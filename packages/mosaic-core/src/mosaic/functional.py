@@ -2,60 +2,61 @@
 
 This is the whole call path; ``MultiAxisAttention`` is projections around it.
 
-1. Facts. Each rank describes its input (lengths along the sequence dim,
-   batch, heads, dtype, ``kv_len``, ``causal``, layout, the backend and its
-   options, ...). For a distributed backend the ranks of the sp group agree on
-   them in one guarded host collective (:mod:`mosaic.guard`): a local failure
-   or a disagreement raises the same error on every rank.
-2. Plan. The backend plans from the agreed :class:`~mosaic.problem.AttentionProblem`;
-   plans are cached by the facts that decide them, so a repeated shape only
-   executes.
-3. Execute. The plan runs collectives and kernels. Its backward starts with a
-   guarded exchange too, so a rank that skips a backward makes every rank
-   raise instead of waiting.
+1. Facts (:func:`call_facts`). Each rank describes its call once: lengths
+   along the sequence dim, batch, heads, dtype, ``kv_len``, ``causal``, layout,
+   the backend and its options, and which declared sharded dim its lengths
+   say it attends over (:mod:`mosaic.declarations`). A local check that fails
+   becomes the same error on every rank (through the agreement below).
+2. Plan. Plans are cached by those facts. When the declarations say every
+   rank's lengths, a cached plan runs at once: the call is only logged, and
+   the ranks compare the log at the end of the step (:mod:`mosaic.agreement`).
+   Otherwise — the first call with these facts, or lengths the declarations do
+   not say — the ranks agree on the facts in one host collective, every rank
+   builds the same :class:`~mosaic.problem.AttentionProblem`, and the backend
+   plans it.
+3. Execute. The plan runs collectives and kernels. A collective that fails (a
+   peer did not come) makes the ranks agree on what went wrong and raise it
+   together, in the forward and the backward (:func:`mosaic.comm.serving`);
+   the end of a backward pass that ran a sharded layer is an agreement.
 
-Under ``torch.compile`` a distributed call is one graph break (its
-collectives run eagerly, in order on every rank); the ``local`` backend is
-traced as plain ``scaled_dot_product_attention`` and needs none.
+With ``checks="every_call"`` every call and its backward agree first (debug).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections import OrderedDict
+import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import comm
+from .agreement import BACKWARD, BUILD, CALL, FORWARD, PLAN, STEP, site_id
 from .backend import Backend, Plan
-from .context import Context, get_context
-from .errors import RULE, CollectiveTimeout
-from .guard import BACKWARD, FORWARD, HELPER, Guard, site_id
+from .context import Context, get_context, is_initialized
+from .declarations import AMBIGUOUS
 from .kernels import default_scale
 from .layout import LAYOUTS, LayoutKind, SeqLayout, check_layout
 from .options import Options
-from .problem import (
-    DTYPES,
-    AttentionProblem,
-    check_kv_len,
-    dtype_code,
-    float_bits,
-    kv_len_int,
-    layout_code,
-)
+from .plans import build_plan
+from .problem import DTYPES, AttentionProblem, check_kv_len, kv_len_int
 from .registry import get_backend
 
-__all__ = ["Call", "agreed_problem", "attend", "attention", "plan_for", "prepare_backend"]
+__all__ = [
+    "Call",
+    "LayoutRule",
+    "agreed_problem",
+    "attend",
+    "attention",
+    "call_facts",
+    "prepare_backend",
+    "prepare_layer",
+]
 
-# Plans of processes without a context (the local backend), least recently used first.
-_PLANS: OrderedDict[tuple, Plan] = OrderedDict()
-_MAX_PLANS = 512
-
-# The columns of a forward guard row, and what a disagreement in each means.
+# The columns of a plan round's row, and what a disagreement in each means.
 _FACTS = (
     "query rows",
     "key rows",
@@ -73,16 +74,17 @@ _FACTS = (
     "backend",
     "backend options",
     "batch shape (the folded dims)",
-    "sharding declaration of the attention dim",
+    "sharded=",
+    "whether a backward runs",
 )
 _PER_RANK = 2  # query and key rows may differ between ranks
 _DEVICES = ("cpu", "cuda")
-UNCHECKED = -1  # a sharding-declaration fact that is not checked (mosaic.attention: the call says it all)
+_SHARDED = {None: 0, True: 1, False: 2}
 
 
 @dataclass(frozen=True)
 class Call:
-    """What a caller asks of one attention call, besides the tensors."""
+    """What a caller asks of one attention call, besides the tensors (``kv_len`` already an int)."""
 
     backend: Backend
     options: Options
@@ -93,7 +95,11 @@ class Call:
     dropout: float = 0.0
     batch_shape: tuple[int, ...] = ()
     what: str = "mosaic.attention"
-    declared: int = UNCHECKED  # 0: the attention dim is not declared sharded; 1 + layout code: it is
+    sharded: bool | None = None  # None: from the declarations; True: the caller says the dim is sharded
+
+    @cached_property
+    def site(self) -> int:
+        return site_id(self.what)
 
 
 def attention(
@@ -108,6 +114,7 @@ def attention(
     layout: LayoutKind = "contiguous",
     scale: float | None = None,
     dropout: float = 0.0,
+    sharded: bool | None = None,
     context: Context | None = None,
     name: str | None = None,
 ) -> torch.Tensor:
@@ -116,10 +123,11 @@ def attention(
     Args:
         q: ``(batch, heads, q_rows, head_dim)``: this rank's query rows (with a distributed
             backend, its shard of the sequence; any lengths, zero included).
-        k, v: ``(batch, kv_heads, k_rows, head_dim)``, ``heads % kv_heads == 0`` (GQA/MQA).
-            Keys from the same rows as the queries (self-attention), another sequence
-            sharded the same way (cross-attention, a K/V cache), or, with ``backend="local"``,
-            keys every rank holds whole (inducing points, a replicated cache).
+        k: ``(batch, kv_heads, k_rows, head_dim)``, ``heads % kv_heads == 0`` (GQA/MQA):
+            keys from the same rows as the queries (self-attention), another sequence
+            sharded the same way (cross-attention), or, with ``backend="local"``, keys every
+            rank holds whole (inducing points, a replicated cache).
+        v: values, shaped like ``k``.
         backend: a name from ``mosaic.available_backends()``, ``"auto"``, or a Backend.
         options: the backend's options (``mosaic.get_backend(name).Options`` lists them).
         kv_len: only keys at global positions ``< kv_len`` are attended (TabPFN's training
@@ -128,8 +136,13 @@ def attention(
         layout: how the sequence is spread over the ranks (``"contiguous"``, ``"zigzag"``).
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
         dropout: attention dropout probability (``local`` only).
+        sharded: ``None`` (default): a distributed backend needs keys whose lengths are a dim
+            declared sharded (``ctx.shard``, ``ctx.sharded_dim``), queries either sharded alike
+            or whole on every rank; ``local`` refuses keys that are this rank's part of one.
+            ``True``: the caller says the keys are sharded over the sp group (a K/V cache of the
+            rows each rank holds); ``False``: the dim is whole on every rank.
         context: the :class:`~mosaic.Context` (default: the one ``mosaic.init`` made).
-        name: how errors name this call (default ``"mosaic.attention"``).
+        name: how errors name this call (default ``"mosaic.attention(backend=...)"``).
 
     Returns:
         ``(batch, heads, q_rows, head_dim)`` in q's dtype; differentiable in q, k and v.
@@ -138,12 +151,64 @@ def attention(
     check_layout(layout)
     what = name or f"mosaic.attention(backend={chosen.name!r})"
     call = Call(chosen, chosen.parse_options(options), None, bool(causal), layout, scale, float(dropout),
-                (q.shape[0],), what)  # fmt: skip
+                (q.shape[0],), what, sharded)  # fmt: skip
     try:
-        call = dataclasses.replace(call, kv_len=kv_len_int(kv_len))
+        call = _with_kv_len(call, kv_len)
     except TypeError as exc:  # a kv_len of the wrong type on one rank: every rank must hear of it
         return attend(None, None, None, call, context, error=exc)
+    if not chosen.capabilities.distributed and sharded is None and getattr(k, "_mosaic_sharded", False):
+        error = ValueError(
+            f"{what}: k and v are this rank's rows of a dim sharded over the sp group (from MultiAxisAttention."
+            "project on a sharded tensor), but backend='local' attends only to the keys it is given: use a "
+            "distributed backend ('allgather', 'ring', 'auto', ...), or sharded=False if they are whole"
+        )
+        return attend(None, None, None, call, context, error=error)
     return attend(q, k, v, call, context)
+
+
+def _with_kv_len(call: Call, kv_len: Any) -> Call:
+    from dataclasses import replace
+
+    return replace(call, kv_len=kv_len_int(kv_len))
+
+
+@dataclass
+class LayoutRule:
+    """How the ranks' layouts along the attention dim are known: from the declarations, or from the agreed rows.
+
+    The default rule is the 1-D one of :mod:`mosaic.declarations`; a module with layouts of its own
+    (``MultiAxisAttention2D``'s grid) passes ``agreed`` (layouts from every rank's row, its own
+    ``facts`` included) and, when its layouts can be derived without an exchange, ``known``.
+    """
+
+    facts: Sequence[int] = ()
+    agreed: Callable[[list[tuple[int, ...]]], tuple[SeqLayout, SeqLayout]] | None = None
+    known: tuple[SeqLayout, SeqLayout] | None = None
+    key: tuple = field(default=())
+
+
+def call_facts(q: torch.Tensor, k: torch.Tensor, call: Call, backward: bool) -> list[int]:
+    """The integers that describe this rank's call (the columns of :data:`_FACTS`); checks its shapes."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be (batch, heads, seq, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, h, length, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or h % max(k.shape[1], 1):
+        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: batch and head dim must match, "
+                         "and the query heads must be a multiple of the kv heads")  # fmt: skip
+    scale = default_scale(d) if call.scale is None else call.scale
+    return [
+        length, k.shape[2], b, h, k.shape[1], d, -1 if call.kv_len is None else call.kv_len, int(call.causal),
+        DTYPES.index(q.dtype) if q.dtype in DTYPES else -1,
+        _DEVICES.index(q.device.type) if q.device.type in _DEVICES else len(_DEVICES),
+        LAYOUTS.index(call.layout) if call.layout in LAYOUTS else len(LAYOUTS), _bits(scale), _bits(call.dropout),
+        site_id(call.backend.name), call.backend.agreement_digest(call.options), site_id(repr(call.batch_shape)),
+        _SHARDED[call.sharded], int(backward),
+    ]  # fmt: skip
+
+
+def _bits(x: float) -> int:
+    """The bits of a float64, as an int64 (floats travel in agreement rows exactly)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def attend(
@@ -154,17 +219,14 @@ def attend(
     context: Context | None = None,
     *,
     error: BaseException | None = None,
-    extra_facts: Sequence[int] = (),
-    layouts: Callable[[list[tuple[int, ...]]], tuple[SeqLayout, SeqLayout]] | None = None,
+    rule: LayoutRule | None = None,
 ) -> torch.Tensor:
     """:func:`attention` for callers that check or describe more (modules).
 
     Args:
         error: the caller's own input check failed on this rank (q, k, v are then
             ``None``); with a distributed backend every rank raises it.
-        extra_facts: more integers the ranks must agree on (after the standard ones).
-        layouts: builds ``(q_layout, kv_layout)`` from the agreed rows (every rank's
-            facts, ``extra_facts`` included), for layouts beyond contiguous/zigzag.
+        rule: layouts beyond the 1-D declarations (:class:`LayoutRule`).
     """
     if not call.backend.capabilities.distributed:
         if error is not None:
@@ -173,76 +235,176 @@ def attend(
             if getattr(call.options, "kernel", None) is None:
                 return _traced_local(q, k, v, call)
             return _planned_local(q, k, v, call)  # a named kernel runs as it is: one graph break
-        return plan_for(call.backend, agreed_problem(q, k, call, None))(q, k, v)
-    return _distributed(q, k, v, call, context or get_context(), error, extra_facts, layouts)
+        return build_plan(call.backend, _local_problem(q, k, call))(q, k, v)
+    return _distributed(q, k, v, call, context or get_context(), error, rule)
 
 
 @torch.compiler.disable
 def _planned_local(q, k, v, call: Call) -> torch.Tensor:
-    return plan_for(call.backend, agreed_problem(q, k, call, None))(q, k, v)
+    return build_plan(call.backend, _local_problem(q, k, call))(q, k, v)
+
+
+def _local_problem(q: torch.Tensor, k: torch.Tensor, call: Call) -> AttentionProblem:
+    q_layout, kv_layout = SeqLayout((q.shape[2],)), SeqLayout((k.shape[2],))
+    return _problem(q, k, call, q_layout, kv_layout, 0, None, _backward(q, k))
+
+
+def _backward(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    problem: AttentionProblem
+    plan: Plan
+    digest: int
+    fast: bool  # every rank's facts imply every rank's layout: later calls with these facts need no agreement
 
 
 @torch.compiler.disable
-def _distributed(q, k, v, call: Call, ctx: Context, error, extra_facts, layouts) -> torch.Tensor:
-    # The guard, the plan and the collectives run eagerly, in the same order on every rank:
+def _distributed(q, k, v, call: Call, ctx: Context, error, rule: LayoutRule | None) -> torch.Tensor:
+    # The agreement, the plan and the collectives run eagerly, in the same order on every rank:
     # under torch.compile a sharded call is one graph break.
-    problem = agreed_problem(q, k, call, ctx, error=error, extra_facts=extra_facts, layouts=layouts)
-    plan = plan_for(call.backend, problem, ctx)
-    if ctx.guard.size > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        guard = ctx.guard if ctx.checks == "every_call" else None
-        return _Guarded.apply(plan, guard, call.what, q, k, v)
-    return _execute(plan, q, k, v, call.what)
+    every_call = ctx.checks == "every_call"
+    if error is not None:
+        ctx.agreement.round(CALL if every_call else PLAN, call.what, error=error, site=call.site)
+    try:
+        backward = _backward(q, k, v)
+        facts = call_facts(q, k, call, backward)
+        rule = rule or _declared_rule(ctx, call, q.shape[2], k.shape[2])
+    except (TypeError, ValueError) as exc:
+        ctx.agreement.round(CALL if every_call else PLAN, call.what, error=exc, site=call.site)
+        raise AssertionError("unreachable: the round raises") from exc
+    key = (call.site, call.backend.name, id(call.backend), tuple(facts), tuple(rule.facts), rule.key)
+    entry = None if every_call else ctx.plans.get(key)
+    if entry is None:
+        entry = _agree_and_plan(q, k, call, ctx, facts, rule, backward, every_call)
+        # Cached only when every rank's facts imply every rank's layout (agreed: each rank says so in its
+        # row), so that the ranks hit and miss together; otherwise every call agrees.
+        if entry.fast and not every_call:
+            ctx.plans.put(key, entry)
+    else:
+        ctx.agreement.record(FORWARD, call.what, entry.digest)
+    return _execute(entry.plan, q, k, v, call, ctx, backward)
 
 
-def agreed_problem(
-    q: torch.Tensor | None,
-    k: torch.Tensor | None,
-    call: Call,
-    context: Context | None,
-    *,
-    error: BaseException | None = None,
-    extra_facts: Sequence[int] = (),
-    layouts: Callable[[list[tuple[int, ...]]], tuple[SeqLayout, SeqLayout]] | None = None,
-) -> AttentionProblem:
-    """The problem of one call: agreed over the sp group of ``context``, or from local facts without one.
+def _declared_rule(ctx: Context, call: Call, q_len: int, k_len: int) -> LayoutRule:
+    """The 1-D rule: the declared dims this rank's lengths are part of say every rank's layout.
 
-    A local failure (``error``, or facts that do not fit) or a disagreement raises
-    the same error on every rank of the group.
+    Its facts — the declared totals of the query and key dims (-1: none, -2: several fit) and a digest
+    of every declaration — are agreed with the call's, so every rank decides the checks alike.
     """
-    facts: list[int] = []
-    if error is None:
-        try:
-            facts = _facts(q, k, call) + [int(f) for f in extra_facts]
-        except (TypeError, ValueError) as exc:
-            error = exc
-    if context is None:
-        if error is not None:
-            raise error
-        q_layout, kv_layout = SeqLayout((q.shape[2],)), SeqLayout((k.shape[2],))
-        return _problem(q, k, call, q_layout, kv_layout, 0, None)
-    remembered = (call.what, tuple(facts))
-    if context.checks == "on_change" and error is None and remembered in context.agreed:
-        return context.agreed[remembered]
-    rows = context.guard.agree(FORWARD, call.what, facts, error, site=site_id(call.what))
+    if ctx.sp_size == 1:  # one rank holds every position: nothing to declare or derive
+        one = (SeqLayout((q_len,), call.layout), SeqLayout((k_len,), call.layout))
+        return LayoutRule(facts=(-1, -1, 0), known=one, agreed=lambda rows: one)
+    if call.sharded is not None:
+        return LayoutRule(facts=(-1, -1, 0))
+    q_dim, k_dim = (ctx.declarations.of_length(n) for n in (q_len, k_len))
+    totals = tuple(-1 if d is None else d.total for d in (q_dim, k_dim))
+    known = None
+    if all(d is not None and d is not AMBIGUOUS and d.kind == call.layout for d in (q_dim, k_dim)):
+        known = (q_dim.layout, k_dim.layout)
+    return LayoutRule(facts=(*totals, ctx.declarations.digest()), known=known, key=totals)
+
+
+def _agree_and_plan(q, k, call: Call, ctx: Context, facts, rule: LayoutRule, backward, every_call) -> _Entry:
+    problem, fast, digest = _agreed(q, k, call, ctx, facts, rule, backward, CALL if every_call else PLAN)
+    return _Entry(problem, build_plan(call.backend, problem, ctx.plans), digest, fast)
+
+
+def _agreed(
+    q, k, call: Call, ctx: Context, facts, rule: LayoutRule, backward: bool, kind: int
+) -> tuple[AttentionProblem, bool, int]:
+    """The agreed problem; whether every rank's facts imply the layouts (``rule.known`` on every rank); and a
+    digest of every rank's facts, the same on every rank (what a cached call logs)."""
+    rows = ctx.agreement.round(kind, call.what, [*facts, *rule.facts, int(rule.known is not None)], site=call.site)
+    fast = all(r[-1] for r in rows)
+    rows = [r[:-1] for r in rows]
+    digest = site_id(repr(rows))
     for column in range(_PER_RANK, len(_FACTS)):
         values = [r[column] for r in rows]
         if len(set(values)) != 1:
-            raise ValueError(_disagreement(column, values, context.guard.name))
-    declared = rows[0][len(_FACTS) - 1]
-    if declared != UNCHECKED and len(rows) > 1:
-        _check_declaration(declared, call)
-    if layouts is not None:
-        q_layout, kv_layout = layouts(rows)
+            raise ValueError(_disagreement(column, values, ctx.agreement.name, call))
+    if rule.agreed is not None:
+        q_layout, kv_layout = rule.agreed(rows)
     else:
-        q_layout = SeqLayout(tuple(r[0] for r in rows), call.layout)
-        kv_layout = SeqLayout(tuple(r[1] for r in rows), call.layout)
-    problem = _problem(q, k, call, q_layout, kv_layout, context.guard.rank, context)
-    if context.checks == "on_change":
-        context.agreed[remembered] = problem
-    return problem
+        q_layout, kv_layout = _agreed_layouts(rows, call, ctx)
+    return _problem(q, k, call, q_layout, kv_layout, ctx.sp_rank, ctx, backward), fast, digest
 
 
-def _problem(q, k, call: Call, q_layout: SeqLayout, kv_layout: SeqLayout, rank: int, ctx) -> AttentionProblem:
+def agreed_problem(
+    q: torch.Tensor | None, k: torch.Tensor | None, call: Call, error: BaseException | None = None
+) -> AttentionProblem:
+    """The problem a call would pose, as every rank of the sp group sees it (collective, like the call).
+
+    For ``mosaic.explain`` and benchmarks: a local failure (``error``, or shapes that do not fit) or a
+    disagreement raises the same error on every rank; nothing is planned.
+    """
+    if not is_initialized():
+        if error is not None:
+            raise error
+        q_layout, kv_layout = SeqLayout((q.shape[2],), call.layout), SeqLayout((k.shape[2],), call.layout)
+        return _problem(q, k, call, q_layout, kv_layout, 0, None, _backward(q, k))
+    ctx = get_context()
+    if error is None:
+        try:
+            backward = _backward(q, k)
+            facts = call_facts(q, k, call, backward)
+            rule = _declared_rule(ctx, call, q.shape[2], k.shape[2])
+        except (TypeError, ValueError) as exc:
+            error = exc
+    if error is not None:
+        ctx.agreement.round(PLAN, call.what, error=error, site=call.site)
+    return _agreed(q, k, call, ctx, facts, rule, backward, PLAN)[0]
+
+
+def _agreed_layouts(rows: list[tuple[int, ...]], call: Call, ctx: Context) -> tuple[SeqLayout, SeqLayout]:
+    """Every rank's layouts from the agreed rows; the declaration checks, decided alike on every rank.
+
+    The rows carry each rank's lengths and a digest of its declarations; with the same declarations on every
+    rank (checked here), whether the lengths are a declared layout is the same question everywhere.
+    """
+    q_lens, k_lens = tuple(r[0] for r in rows), tuple(r[1] for r in rows)
+    digests = [r[len(_FACTS) + 2] for r in rows]
+    if len(set(digests)) != 1:
+        raise ValueError(
+            f"{call.what}: the ranks declare their sharded dims differently (ctx.shard / ctx.sharded_dim with "
+            f"other totals or layouts; digests {digests}); declare them the same way on every rank"
+        )
+    kind = call.layout
+    if call.sharded is False:
+        raise ValueError(f"{call.what}: sharded=False, but backend {call.backend.name!r} shards the attention dim")
+    if call.sharded is None:
+        _check_declared("keys", k_lens, kind, call, ctx)
+        if not ctx.declarations.matches(q_lens, kind) and (len(set(q_lens)) != 1 or call.causal):
+            _check_declared("queries", q_lens, kind, call, ctx)
+    return SeqLayout(q_lens, kind), SeqLayout(k_lens, kind)
+
+
+def _check_declared(what: str, lengths: tuple[int, ...], kind: str, call: Call, ctx: Context) -> None:
+    """Raise unless ``lengths`` are the layout of a declared dim sharded with ``kind``, saying what to do."""
+    layouts = {d.kind: d.layout.lengths for d in ctx.declarations.all() if d.layout and d.layout.lengths == lengths}
+    if kind in layouts or kind in ctx.declarations.open_kinds():
+        return
+    if not layouts and ctx.declarations.open_kinds():
+        other = next(iter(ctx.declarations.open_kinds()))
+        layouts = {other: lengths}
+    if layouts:
+        other = next(iter(layouts))
+        raise ValueError(
+            f"{call.what} expects layout={kind!r}, but its attention dim was sharded with layout={other!r} "
+            f"(ctx.shard(x, dim, {other!r})); build the layer with layout={other!r} or shard with layout={kind!r}"
+        )
+    raise ValueError(
+        f"{call.what} shards its attention dim with backend {call.backend.name!r}, but its {what} (lengths "
+        f"{list(lengths)} on the ranks of the sp group) are not a dim declared sharded: shard the input with "
+        "ctx.shard(x, dim) (or declare rows each rank made itself with ctx.sharded_dim(total, dim)); if the dim is "
+        "whole on every rank, use backend='local'; for keys sharded otherwise (a K/V cache of the rows each rank "
+        "holds), say sharded=True"
+    )
+
+
+def _problem(q, k, call: Call, q_layout: SeqLayout, kv_layout: SeqLayout, rank: int, ctx, backward: bool):
     check_kv_len(call.kv_len, kv_layout.total)
     b, h, _, d = q.shape
     return AttentionProblem(
@@ -262,28 +424,13 @@ def _problem(q, k, call: Call, q_layout: SeqLayout, kv_layout: SeqLayout, rank: 
         cross=q_layout != kv_layout,
         options=call.options,
         batch_shape=call.batch_shape,
+        backward=backward,
         context=ctx,
         group=None if ctx is None else ctx.sp_group,
     )
 
 
-def _facts(q: torch.Tensor, k: torch.Tensor, call: Call) -> list[int]:
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be (batch, heads, seq, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}")
-    b, h, length, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d or h % max(k.shape[1], 1):
-        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: batch and head dim must match, "
-                         "and the query heads must be a multiple of the kv heads")  # fmt: skip
-    scale = default_scale(d) if call.scale is None else call.scale
-    return [
-        length, k.shape[2], b, h, k.shape[1], d, -1 if call.kv_len is None else call.kv_len, int(call.causal),
-        dtype_code(q.dtype), _DEVICES.index(q.device.type) if q.device.type in _DEVICES else len(_DEVICES),
-        layout_code(call.layout), float_bits(scale), float_bits(call.dropout), site_id(call.backend.name),
-        call.options.digest(), site_id(repr(call.batch_shape)), call.declared,
-    ]  # fmt: skip
-
-
-def _disagreement(column: int, values: list[int], group: str) -> str:
+def _disagreement(column: int, values: list[int], group: str, call: Call) -> str:
     name = _FACTS[column]
     if name == "dtype":
         values = [str(DTYPES[v]) if v >= 0 else "other" for v in values]  # type: ignore[misc]
@@ -291,16 +438,19 @@ def _disagreement(column: int, values: list[int], group: str) -> str:
         values = [LAYOUTS[v] if v < len(LAYOUTS) else "other" for v in values]  # type: ignore[misc]
     elif name == "kv_len":
         values = [None if v == -1 else v for v in values]  # type: ignore[misc]
+    elif name == "sharded=":
+        values = [{0: None, 1: True, 2: False}[v] for v in values]  # type: ignore[misc]
+    elif name == "backend options" and call.backend.name == "auto":
+        return (
+            f"backend='auto' would choose differently on the ranks of the {group} group: the backends installed "
+            "or the machine model (mosaic.calibrate, mosaic.cost.set_machine) differ between ranks; install the same "
+            "backends and set the same rates everywhere"
+        )
     elif name in ("backend", "backend options", "softmax scale", "dropout", "batch shape (the folded dims)"):
         return (
             f"attention calls disagree across the {group} group: the {name} differ between ranks "
             f"(digests {values}); every rank must build the layer the same way (same backend, options, "
             "scale, dropout) and pass the same shapes except along the attention dim"
-        )
-    elif name == "sharding declaration of the attention dim":
-        return (
-            f"the ranks of the {group} group declare the attention dim differently ({values}: 0 = not sharded, "
-            "1 = contiguous, 2 = zigzag); declare it the same way on every rank (ctx.shard / ctx.declare_sharded)"
         )
     return (
         f"attention inputs disagree across the {group} group: {name} is {values} on {group} ranks "
@@ -308,76 +458,113 @@ def _disagreement(column: int, values: list[int], group: str) -> str:
     )
 
 
-def _check_declaration(declared: int, call: Call) -> None:
-    if declared == 0:
-        raise ValueError(
-            f"{call.what} shards its attention dim with backend {call.backend.name!r}, but that dim is not "
-            "declared sharded: shard the input with ctx.shard(x, dim) (or declare a tensor you sharded yourself "
-            "with ctx.declare_sharded(dim)); if the dim is whole on every rank, use backend='local'"
-        )
-    declared_layout = LAYOUTS[declared - 1] if declared <= len(LAYOUTS) else "a 2-D grid"
-    if declared_layout != call.layout:
-        raise ValueError(
-            f"{call.what} expects layout={call.layout!r}, but its attention dim was sharded with layout="
-            f"{declared_layout!r} (ctx.shard(x, dim, {declared_layout!r})); build the layer with "
-            f"layout={declared_layout!r} or shard with layout={call.layout!r}"
-        )
-
-
 def prepare_backend(backend: Backend, options: Options, context: Context, what: str) -> None:
     """Check that every rank of the sp group chose this backend and options, then let it create its groups.
 
-    Group creation is collective over the world: ranks with different options would
-    create different groups and hang there, so they compare first and all raise.
+    Group creation is collective: ranks with different options would create different groups and hang
+    there, so they compare first and all raise. Local layers compare too (a rank that switched one layer to
+    ``local`` alone would run no collective where the others wait).
     """
-    facts = [site_id(backend.name), options.digest()]
+    facts = [site_id(backend.name), backend.agreement_digest(options)]
     # One site for every build, so that ranks building different layers compare their facts.
-    rows = context.guard.agree(HELPER, f"building {what}", facts, site=site_id("building a layer"))
+    rows = context.agreement.round(BUILD, f"building {what}", facts, site=site_id("building a layer"))
     if len(set(rows)) != 1:
-        chosen = context.guard.share(f"{what}, options ({options})", what)
+        chosen = context.agreement.share(f"{what}, options ({options})", what)
         listed = "; ".join(f"rank {r}: {c}" for r, c in enumerate(chosen))
         raise ValueError(
-            f"building a layer: the backend or its options differ between ranks of the {context.guard.name} group "
-            f"({listed}); every rank must build the same layers the same way"
+            f"building a layer: the backend or its options differ between ranks of the {context.agreement.name} "
+            f"group ({listed}); every rank must build the same layers the same way"
         )
-    backend.prepare(context, options)
+    if backend.capabilities.distributed:
+        backend.prepare(context, options)
 
 
-def plan_for(backend: Backend, problem: AttentionProblem, context: Context | None = None) -> Plan:
-    """``backend``'s plan for ``problem``, from the cache when the same facts were planned before."""
-    cache = _PLANS if context is None else context.plans
-    key = (backend.name, id(backend), problem.key)
-    plan = cache.get(key)
-    if plan is None:
-        backend.check(problem)
-        plan = backend.plan(problem)
-        cache[key] = plan
-        if len(cache) > _MAX_PLANS:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return plan
+def prepare_layer(backend: Backend, options: Options, what: str) -> None:
+    """:func:`prepare_backend` when Mosaic is initialised with several sp ranks (a layer being built)."""
+    if is_initialized() and get_context().sp_size > 1:
+        prepare_backend(backend, options, get_context(), what)
 
 
-def _execute(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str) -> torch.Tensor:
-    try:
-        return plan(q, k, v)
-    except RuntimeError as exc:
-        raise _collective_error(exc, what, "forward") from exc
+def _execute(plan: Plan, q, k, v, call: Call, ctx: Context, backward: bool) -> torch.Tensor:
+    marks = backward and not ctx.agreement.alone and not torch.compiler.is_compiling()
+    if marks:
+        q, k, v = _Enter.apply(q, k, v)
+    backward_before = comm.set_backward(False)
+    with comm.serving(lambda exc: ctx.fail(exc, call.what, "forward")):
+        try:
+            out = plan(q, k, v)
+        except Exception as exc:
+            if getattr(exc, "mosaic_agreed", False):
+                raise
+            raise ctx.fail(exc, call.what, "forward") from exc
+        finally:
+            comm.set_backward(backward_before)  # a forward recomputed in a backward (checkpointing)
+    if marks:
+        out = _Exit.apply(out, _Backward(call.what, ctx))
+    return out
 
 
-def _collective_error(exc: RuntimeError, what: str, phase: str) -> RuntimeError:
-    """A failed transfer (a peer that never came, or left) as an error naming the call and the rule."""
-    text = str(exc)
-    lost = isinstance(exc, getattr(dist, "DistError", ())) or any(
-        s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset", "connectFullMesh")
-    )
-    if not lost:
-        return exc
-    return CollectiveTimeout(
-        f"the {phase} of {what} did not complete: a rank of the group did not join its collectives in time, or "
-        f"left. Rule: {RULE}. ({type(exc).__name__}: {text[:200]})"
-    )
+@dataclass(frozen=True)
+class _Backward:
+    """What the backward of one sharded call needs to log itself and to fail with the others."""
+
+    what: str
+    ctx: Context
+
+    def begin(self) -> None:
+        ctx = self.ctx
+        if ctx.checks == "every_call":
+            ctx.agreement.round(BACKWARD, self.what, site=site_id(self.what))
+        else:
+            ctx.agreement.record(BACKWARD, self.what)
+            _agree_at_the_end_of_this_backward(ctx)
+        comm.set_serving(lambda exc: ctx.fail(exc, self.what, "backward"))
+        comm.set_backward(True)
+
+
+def _agree_at_the_end_of_this_backward(ctx: Context) -> None:
+    """Queue one step agreement for the end of the running backward pass (once per pass)."""
+    task = torch._C._current_graph_task_id()
+    if getattr(ctx, "_agreeing_task", None) == task:
+        return
+    ctx._agreeing_task = task  # type: ignore[attr-defined]
+
+    def at_the_end() -> None:
+        ctx._agreeing_task = None  # type: ignore[attr-defined]
+        comm.set_serving(None)
+        comm.set_backward(False)
+        ctx.agreement.round(STEP, "the end of a backward pass", site=site_id("step"))
+
+    torch.autograd.Variable._execution_engine.queue_callback(at_the_end)
+
+
+class _Enter(torch.autograd.Function):
+    """Identity on q, k, v; its backward runs after the plan's: the call's collectives are done."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return q.view_as(q), k.view_as(k), v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        comm.set_serving(None)
+        comm.set_backward(False)
+        return dq, dk, dv
+
+
+class _Exit(torch.autograd.Function):
+    """Identity on the output; its backward runs before the plan's: it logs the call's backward (or agrees on it
+    with ``checks="every_call"``) and names the call its collectives fail for."""
+
+    @staticmethod
+    def forward(ctx, out, info: _Backward):
+        ctx.info = info
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        ctx.info.begin()
+        return dout, None
 
 
 def _traced_local(q, k, v, call: Call) -> torch.Tensor:
@@ -391,35 +578,3 @@ def _traced_local(q, k, v, call: Call) -> torch.Tensor:
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=call.dropout, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
-
-
-class _Guarded(torch.autograd.Function):
-    """A plan's attention whose backward first meets the other ranks at the guard, then runs the plan's backward.
-
-    The plan runs on detached views of q, k, v with grad enabled (its own graph);
-    this function's backward checks that every rank is in the same backward
-    (:mod:`mosaic.guard`), then backpropagates through that graph — so a rank
-    that skipped this backward is caught at the guard, and a transfer that
-    fails in the plan's backward raises an error naming the layer.
-    """
-
-    @staticmethod
-    def forward(ctx, plan: Plan, guard: Guard | None, what: str, q, k, v):
-        inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-        with torch.enable_grad():
-            out = _execute(plan, *inputs, what)
-        ctx.inputs, ctx.out, ctx.guard, ctx.what = inputs, out, guard, what
-        return out.detach()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        if ctx.guard is not None:  # None under checks="on_change"
-            ctx.guard.agree(BACKWARD, ctx.what)
-        inputs, out = ctx.inputs, ctx.out
-        ctx.inputs = ctx.out = None  # the inner graph goes with this backward
-        wanted = [t for t in inputs if t.requires_grad]
-        try:
-            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-        except RuntimeError as exc:
-            raise _collective_error(exc, ctx.what, "backward") from exc
-        return None, None, None, *(next(grads) if t.requires_grad else None for t in inputs)

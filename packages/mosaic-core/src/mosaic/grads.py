@@ -4,10 +4,11 @@ Each sp rank computes its parameters' gradients from its own rows only; the
 model's gradient is their sum. Data-parallel replicas then average, as DDP
 does. :func:`reduce_gradients` does both in one call after ``backward()``.
 
-Before it reduces, the ranks compare (in one host collective over the world,
-:mod:`mosaic.guard`) a digest of their parameter lists — names, shapes,
-dtypes, in order — so models built differently on different ranks raise on
-every rank instead of summing mismatched buffers. A parameter without a
+Before it reduces, the sp ranks agree on their sharded calls since the last
+agreement (the step's agreement, :mod:`mosaic.agreement`) and the ranks of the
+world compare a digest of their parameter lists — names, shapes, dtypes, in
+order — so models built differently on different ranks raise on every rank
+instead of summing mismatched buffers. A parameter without a
 gradient on some rank counts as zeros there: every rank joins the same
 collectives with the same layout.
 
@@ -22,12 +23,12 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from . import comm
 from ._compat import all_gather_single
+from .agreement import GRADIENTS, HELPER, STEP, site_id
 from .context import Context, get_context
-from .guard import GRADIENTS, HELPER, site_id
 
 __all__ = ["check_replicas", "reduce_gradients"]
 
@@ -56,9 +57,10 @@ def reduce_gradients(module: nn.Module, context: Context | None = None, *, avera
         steps.append((ctx.dp_group, 1.0 / ctx.dp_size))
     if not steps:
         return
+    what = f"reduce_gradients({type(module).__name__})"
+    ctx.agreement.round(STEP, what, site=site_id("step"))
     names = [(n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters() if p.requires_grad]
-    rows = ctx.world_guard.agree(GRADIENTS, f"reduce_gradients({type(module).__name__})",
-                                 [site_id(repr(names)), len(names)])  # fmt: skip
+    rows = ctx.world_agreement.round(GRADIENTS, what, [site_id(repr(names)), len(names)])
     if len({r for r in rows}) != 1:
         counts = [r[1] for r in rows]
         raise ValueError(
@@ -72,7 +74,7 @@ def reduce_gradients(module: nn.Module, context: Context | None = None, *, avera
         wide = torch.promote_types(dtype, torch.float32)
         flat = torch.cat([_flat_grad(p, wide) for p in same])
         for group, scale in steps:
-            dist.all_reduce(flat, group=group)
+            comm.all_reduce(flat, group)
             if scale != 1.0:
                 flat.mul_(scale)
         for p, part in zip(same, flat.split([p.numel() for p in same]), strict=True):
@@ -109,7 +111,7 @@ def check_replicas(module: nn.Module, context: Context | None = None) -> None:
     table = every.view(ctx.world_size, -1).cpu()
     differ = [name for i, (name, _) in enumerate(params) if not bool((table[:, i] == table[0, i]).all())]
     # Every rank computed the same table, so every rank raises (or none does).
-    ctx.world_guard.agree(HELPER, "check_replicas", [len(differ)])
+    ctx.world_agreement.round(HELPER, "check_replicas", [len(differ)])
     if differ:
         raise RuntimeError(
             f"the ranks' copies of the model differ (MOSAIC_CHECK_REPLICAS): parameters {differ[:8]}"

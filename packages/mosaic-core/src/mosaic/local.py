@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .backend import Backend, Capabilities, Plan
 from .blockwise import Piece, SpanAttention, blocks, cut_spans
-from .cost import Cost, attention_flops
+from .cost import Cost, Pass, attention_passes
 from .kernels import CUDA_MAX_BATCH_HEADS, get_kernel
 from .options import Options
 from .problem import AttentionProblem
@@ -75,7 +75,8 @@ def span_plan(problem: AttentionProblem, kernel: str | None = None) -> SpanPlan:
 
 
 def _local_cost(p: AttentionProblem) -> Cost:
-    return Cost(flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()))
+    forward, backward = attention_passes(p.batch, p.heads, p.head_dim, p.busiest_pairs())
+    return Cost(Pass(flops=forward), Pass(flops=backward))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import MultiAxisAttention, fold
+from .functional import attend
 
 __all__ = ["MultiheadAttention"]
 
@@ -70,8 +71,8 @@ class MultiheadAttention(MultiAxisAttention):
     def forward(  # type: ignore[override]
         self,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = True,
         attn_mask: torch.Tensor | None = None,
@@ -87,11 +88,18 @@ class MultiheadAttention(MultiAxisAttention):
         with a distributed backend; ``is_causal`` masks by global position;
         ``kv_len`` (Mosaic's) keeps the first ``kv_len`` keys.
         """
-        if query.dim() != 3:
-            raise ValueError(f"query must be 3-D (batch, seq, embed or seq, batch, embed), got {tuple(query.shape)}")
-        extras = need_weights or key_padding_mask is not None or attn_mask is not None
-        if extras:
-            if self.backend.capabilities.distributed:
+        try:
+            if key is None or value is None:
+                raise TypeError(
+                    f"{self.description} is called as nn.MultiheadAttention is: attn(query, key, value, "
+                    "need_weights=False)[0] (query, key and value the same tensor for self-attention); for "
+                    "attn(x) returning a tensor, use mosaic.MultiAxisAttention"
+                )
+            if query.dim() != 3:
+                shape = tuple(query.shape)
+                raise ValueError(f"query must be 3-D (batch, seq, embed or seq, batch, embed), got {shape}")
+            extras = need_weights or key_padding_mask is not None or attn_mask is not None
+            if extras and self.backend.capabilities.distributed:
                 asked = [n for n, on in (("need_weights=True", need_weights), ("key_padding_mask", key_padding_mask
                          is not None), ("attn_mask", attn_mask is not None)) if on]  # fmt: skip
                 raise ValueError(
@@ -99,6 +107,10 @@ class MultiheadAttention(MultiAxisAttention):
                     "N x N per head; masks must be a key prefix). Pass need_weights=False, and kv_len=... for a key "
                     "prefix or is_causal=True for a causal mask"
                 )
+        except (TypeError, ValueError) as exc:  # every rank of the sp group hears of it
+            attend(None, None, None, self._call(None, is_causal, ()), error=exc)
+            raise AssertionError("unreachable: attend raises the error it is given") from exc
+        if extras:
             return self._torch_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                        average_attn_weights, is_causal, kv_len)  # fmt: skip
         kv = None if key is query and value is query else key

@@ -15,11 +15,9 @@ import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-__all__ = ["EntryPoints", "PluginFailed"]
+from .errors import PluginFailed
 
-
-class PluginFailed(ImportError):
-    """An installed entry point could not be imported; the message says which and why."""
+__all__ = ["EntryPoints"]
 
 
 class EntryPoints:

@@ -2,15 +2,14 @@
 
 An :class:`AttentionProblem` describes one attention call in the canonical
 layout ``(batch, heads, seq_local, head_dim)``. For a distributed backend it
-is built from the table the guard (:mod:`mosaic.guard`) returned, so every
-rank of the sp group holds the same facts (and its own ``rank``); a fact
-that differs between ranks raises the same error on every rank.
+is built from the facts the ranks agreed on (:mod:`mosaic.agreement`), or
+derived from the sharding declarations when a plan is cached, so every rank
+of the sp group holds the same facts (and its own ``rank``).
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +17,13 @@ import torch
 import torch.distributed as dist
 
 from .kernels import BlockSpec
-from .layout import LAYOUTS, SeqLayout, Span
+from .layout import SeqLayout, Span
 from .options import NoOptions, Options
 
 if TYPE_CHECKING:
     from .context import Context
 
-__all__ = ["DTYPES", "AttentionProblem", "KeyBlock", "check_kv_len", "float_bits", "kv_len_int"]
+__all__ = ["DTYPES", "AttentionProblem", "KeyBlock", "check_kv_len", "kv_len_int"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -37,7 +36,11 @@ class AttentionProblem:
     dim each rank of ``group`` holds; ``kv_len`` keeps keys at global positions
     ``< kv_len`` only; ``causal`` lets query ``i`` see keys ``<= i``;
     ``options`` are the backend's typed options; ``batch_shape`` the dims
-    folded into ``batch`` (row-major), for backends that redistribute them.
+    folded into ``batch`` (row-major), for backends that redistribute them;
+    ``backward`` whether a backward will run (``auto`` ranks inference by its
+    forward alone). ``context`` and ``group`` say where the plan runs; a plan
+    is decided without them and makes no group: the groups it runs on come
+    from ``context`` when it is built (:meth:`mosaic.Context.grid`).
     """
 
     batch: int
@@ -56,6 +59,7 @@ class AttentionProblem:
     cross: bool = False
     options: Options = field(default_factory=NoOptions)
     batch_shape: tuple[int, ...] = ()
+    backward: bool = True
     context: Context | None = None
     group: dist.ProcessGroup | None = None
 
@@ -75,7 +79,7 @@ class AttentionProblem:
         return (
             self.batch, self.heads, self.kv_heads, self.head_dim, self.dtype, self.device, self.q_layout,
             self.kv_layout, self.rank, self.causal, self.kv_len, self.scale, self.dropout, self.cross, self.options,
-            self.batch_shape, id(self.group), os.environ.get("MOSAIC_KERNEL"),
+            self.batch_shape, self.backward, id(self.group), os.environ.get("MOSAIC_KERNEL"),
         )  # fmt: skip
 
     def block_spec(self, q_len: int = 0, k_len: int = 0, causal: bool = False) -> BlockSpec:
@@ -166,16 +170,3 @@ def kv_len_int(kv_len: Any) -> int | None:
 def check_kv_len(kv_len: int | None, total: int) -> None:
     if kv_len is not None and not 1 <= kv_len <= total:
         raise ValueError(f"kv_len={kv_len} is outside [1, {total}] (the global key length along the attention dim)")
-
-
-def float_bits(x: float) -> int:
-    """The bits of a float64, as an int64 (so floats travel in the guard's integer rows exactly)."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-def dtype_code(dtype: torch.dtype) -> int:
-    return DTYPES.index(dtype) if dtype in DTYPES else -1
-
-
-def layout_code(kind: str) -> int:
-    return LAYOUTS.index(kind) if kind in LAYOUTS else len(LAYOUTS)

@@ -1,32 +1,39 @@
-"""Backends by name: explicit registrations and the ``mosaic.backends`` entry points.
+"""Backends by name: the built-in ones, explicit registrations and the ``mosaic.backends`` entry points.
 
-Entry points are read once (cached) and imported only when their backend is
-asked for, so a broken plugin costs a warning and breaks nobody else.
+The built-in backends (``local``, ``auto``) and those of installed packages
+are named by ``module:attribute`` strings and imported only when asked for
+(:class:`mosaic.plugins.EntryPoints`, the loader the kernels use too), so a
+broken plugin costs a warning and breaks nobody else.
 ``MOSAIC_BACKEND_AUTOLOAD=0`` ignores entry points; ``register_backend``
 adds or overrides a backend in code.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-import warnings
-from functools import cache
-from importlib.metadata import EntryPoint, entry_points
+
+import torch
 
 from .backend import Backend
+from .errors import BackendUnavailable, PluginFailed
+from .plugins import EntryPoints
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "KNOWN_BACKENDS",
-    "BackendUnavailable",
     "available_backends",
     "get_backend",
+    "installed_backends",
     "refresh_backends",
     "register_backend",
     "unregister_backend",
 ]
 
 ENTRY_POINT_GROUP = "mosaic.backends"
+
+# mosaic-core's own backends: always there, imported on first use like the others.
+_BUILT_IN = {"local": "mosaic.local:LocalBackend", "auto": "mosaic.auto:AutoBackend"}
 
 # Where the known backends live, for the install hint when one is missing.
 KNOWN_BACKENDS: dict[str, str] = {
@@ -45,35 +52,22 @@ KNOWN_BACKENDS: dict[str, str] = {
 
 _registered: dict[str, Backend | type[Backend]] = {}
 _instances: dict[str, Backend] = {}
-_failed: dict[str, str] = {}
-
-
-class BackendUnavailable(ValueError):
-    """No backend of that name is installed or registered."""
+_plugins = EntryPoints(ENTRY_POINT_GROUP, "backend")
 
 
 def _autoload() -> bool:
     return os.environ.get("MOSAIC_BACKEND_AUTOLOAD", "1") not in ("0", "false", "False")
 
 
-@cache
-def _entry_points() -> dict[str, EntryPoint]:
-    found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep)
-    return found
-
-
 def refresh_backends() -> None:
     """Forget cached entry points and instances (after installing a package, in tests)."""
-    _entry_points.cache_clear()
+    _plugins.refresh()
     _instances.clear()
-    _failed.clear()
 
 
 def register_backend(name: str, backend: Backend | type[Backend], *, override: bool = False) -> None:
     """Make ``backend`` (an instance or a class) available as ``name``, ahead of entry points."""
-    if name in _registered and not override:
+    if (name in _registered or name in _BUILT_IN) and not override:
         raise ValueError(f"backend {name!r} is already registered; pass override=True to replace it")
     _registered[name] = backend
     _instances.pop(name, None)
@@ -84,19 +78,45 @@ def unregister_backend(name: str) -> None:
     _instances.pop(name, None)
 
 
-def available_backends() -> list[str]:
-    """Names that can be asked for: registered ones and installed entry points (not yet imported)."""
-    names = set(_registered)
+def installed_backends() -> list[str]:
+    """Every backend that can be asked for by name, whether or not it can run on this machine."""
+    names = set(_registered) | set(_BUILT_IN)
     if _autoload():
-        names |= set(_entry_points())
+        names |= set(_plugins.names())
     return sorted(names)
 
 
-def _instantiate(obj: Backend | type[Backend]) -> Backend:
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The installed backends that can run on ``device`` (default: CUDA when it is available, else CPU).
+
+    A backend that declares other devices only (``magi`` and ``ring_flash_attn`` need CUDA)
+    or fails to import is left out; :func:`installed_backends` lists every name, and
+    ``python -m mosaic`` says why each one can or can't run here.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    out = []
+    for name in installed_backends():
+        try:
+            backend = get_backend(name)
+        except BackendUnavailable:
+            continue
+        if kind in backend.capabilities.devices:
+            out.append(name)
+    return out
+
+
+def _instantiate(obj: object) -> Backend:
     backend = obj() if isinstance(obj, type) else obj
     if not isinstance(backend, Backend):
         raise TypeError(f"{obj!r} is not a mosaic.Backend")
     return backend
+
+
+def _built_in(name: str) -> Backend:
+    module, attribute = _BUILT_IN[name].split(":")
+    return _instantiate(getattr(importlib.import_module(module), attribute))
 
 
 def get_backend(name: str) -> Backend:
@@ -105,17 +125,15 @@ def get_backend(name: str) -> Backend:
         return _instances[name]
     if name in _registered:
         backend = _instantiate(_registered[name])
-    elif _autoload() and name in _entry_points():
-        if name in _failed:
-            raise BackendUnavailable(_failed[name])
-        ep = _entry_points()[name]
+    elif name in _BUILT_IN:
+        backend = _built_in(name)
+    elif _autoload() and name in _plugins:
         try:
-            backend = _instantiate(ep.load())
-        except Exception as exc:  # a broken plugin must not break the others
-            message = f"backend {name!r} is installed ({ep.value}) but failed to load: {type(exc).__name__}: {exc}"
-            _failed[name] = message
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            raise BackendUnavailable(message) from exc
+            backend = _instantiate(_plugins.load(name))
+        except PluginFailed as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        except TypeError as exc:
+            raise BackendUnavailable(f"backend {name!r} ({_plugins.value(name)}): {exc}") from exc
     else:
         raise BackendUnavailable(_missing_message(name))
     _instances[name] = backend
@@ -123,7 +141,7 @@ def get_backend(name: str) -> Backend:
 
 
 def _missing_message(name: str) -> str:
-    installed = ", ".join(available_backends()) or "none"
+    installed = ", ".join(installed_backends()) or "none"
     if name in KNOWN_BACKENDS:
         package = KNOWN_BACKENDS[name]
         return (

@@ -23,16 +23,16 @@ dim that is whole) or a Context (its sp group), default the current one.
 from __future__ import annotations
 
 import builtins
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+from . import comm
+from .agreement import HELPER, site_id
 from .comm import all_gather_uneven, all_reduce_sum
 from .context import Context, get_context
-from .guard import HELPER, site_id
-from .layout import LayoutKind, Span
+from .declarations import ShardedDim
 
 __all__ = [
     "ShardedDim",
@@ -48,62 +48,6 @@ __all__ = [
     "var",
 ]
 
-
-@dataclass(frozen=True)
-class ShardedDim:
-    """This rank's part of a dim of ``total`` positions sharded over the sp group.
-
-    ``spans`` are the global positions of the local rows, in local order (one
-    span for the contiguous layout, two for zigzag). Build it with
-    ``ctx.sharded_dim(total, dim, layout)`` or :meth:`of`.
-    """
-
-    total: int
-    spans: tuple[Span, ...]
-    layout: str = "contiguous"
-    group: dist.ProcessGroup | None = None
-
-    @classmethod
-    def of(cls, context: Context, total: int, layout: LayoutKind = "contiguous") -> ShardedDim:
-        spans = context.layout(total, layout).spans(context.sp_rank)
-        return cls(total, spans, layout, context.sp_group if context.sp_size > 1 else None)
-
-    @classmethod
-    def whole(cls, total: int) -> ShardedDim:
-        """A dim that is not sharded: this rank holds every position."""
-        return cls(total, ((0, total),) if total else ())
-
-    @property
-    def length(self) -> int:
-        """Local rows."""
-        return builtins.sum(b - a for a, b in self.spans)
-
-    @property
-    def offset(self) -> int:
-        """Global position of the first local row (contiguous layout: the rows are ``[offset, offset + length)``)."""
-        return self.spans[0][0] if self.spans else 0
-
-    def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """Global position of every local row, ``(length,)`` int64."""
-        parts = [torch.arange(a, b, device=device) for a, b in self.spans]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
-
-    def prefix_mask(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """``(length,)`` bool: which local rows sit at global positions ``< n`` (e.g. the training rows)."""
-        return self.positions(device) < n
-
-    def prefix_count(self, n: int) -> int:
-        """How many local rows sit at global positions ``< n``."""
-        return builtins.sum(builtins.max(0, builtins.min(b, n) - a) for a, b in self.spans)
-
-    def take(self, full: torch.Tensor, dim: int) -> torch.Tensor:
-        """This rank's rows of a tensor that holds all ``total`` positions along ``dim``."""
-        if full.shape[dim] != self.total:
-            raise ValueError(f"expected {self.total} positions along dim {dim}, got {full.shape[dim]}")
-        parts = [full.narrow(dim, a, b - a) for a, b in self.spans]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim) if parts else full.narrow(dim, 0, 0)
-
-
 Over = ShardedDim | Context | None
 
 
@@ -116,21 +60,24 @@ def _group(over: Over) -> dist.ProcessGroup | None:
 
 
 def _reduced(name: str, local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """``local`` (a per-rank partial result) once every rank has shown the same shape and dtype.
+    """``local`` (a per-rank partial result), once every rank has shown the same shape and dtype.
 
-    A rank whose tensor differs would make the collective that follows abort or
-    hang; the guard turns it into the same error on every rank.
+    A rank whose tensor differs would make the collective that follows abort or hang: the ranks
+    agree on the shape the first time they meet it here (afterwards it is only logged and compared
+    at the end of the step), and a difference raises the same error on every rank.
     """
     if group is not None:
         what = f"mosaic.sharded.{name}"
         facts = [site_id(str(local.dtype)), local.dim(), *local.shape]
-        rows = get_context().guard.agree(HELPER, what, facts)
-        if len(set(rows)) != 1:
+
+        def differ(rows: list[tuple[int, ...]]) -> str:
             shapes = [tuple(r[2:]) for r in rows]
-            raise ValueError(
+            return (
                 f"{what}: the ranks' partial results differ in shape or dtype ({shapes}); every rank must pass "
                 "tensors that agree in every dim but the sharded one"
             )
+
+        get_context().agreement.once(what, facts, differ)
     return local
 
 
@@ -145,9 +92,7 @@ def count(
     ones = torch.ones_like(x, dtype=torch.int64) if mask is None else mask.expand_as(x).to(torch.int64)
     group = _group(over)
     local = _reduced("count", ones.sum(dim, keepdim=keepdim), group)
-    if group is not None:
-        dist.all_reduce(local, group=group)
-    return local
+    return local if group is None else comm.all_reduce(local, group)
 
 
 def sum(
@@ -205,15 +150,18 @@ class _AllReduceExtreme(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, keepdim: bool, largest: bool, group):
-        local = _reduced(
-            "max" if largest else "min", x.amax(dim, keepdim=True) if largest else x.amin(dim, keepdim=True), group
-        )
+        if x.shape[dim] == 0:  # a rank that holds no row: the identity of the reduction
+            shape = (*x.shape[:dim], 1, *x.shape[dim + 1 :])
+            local = x.new_full(shape, float("-inf") if largest else float("inf"))
+        else:
+            local = x.amax(dim, keepdim=True) if largest else x.amin(dim, keepdim=True)
+        local = _reduced("max" if largest else "min", local, group)
         if group is not None:
-            dist.all_reduce(local, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN, group=group)
+            comm.all_reduce(local, group, dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
         hits = (x == local).to(x.dtype)
         ties = hits.sum(dim, keepdim=True)
         if group is not None:
-            dist.all_reduce(ties, group=group)
+            comm.all_reduce(ties, group)
         ctx.save_for_backward(hits, ties)
         ctx.dim, ctx.keepdim, ctx.group = dim, keepdim, group
         return local if keepdim else local.squeeze(dim)
@@ -225,8 +173,7 @@ class _AllReduceExtreme(torch.autograd.Function):
             grad = grad.unsqueeze(ctx.dim)
         # Every rank used the same extreme: its gradient is the sum of theirs.
         if ctx.group is not None:
-            grad = grad.contiguous().clone()
-            dist.all_reduce(grad, group=ctx.group)
+            grad = comm.all_reduce(grad.contiguous().clone(), ctx.group)
         return hits * grad / ties, None, None, None, None
 
 
@@ -281,7 +228,7 @@ def agree(value: int | bool, how: Agreement = "equal", *, context: Context | Non
         raise ValueError(f"how must be one of equal, max, min, sum, all, any; got {how!r}")
     ctx = context or get_context()
     mine = int(value)
-    values = [row[0] for row in ctx.guard.agree(HELPER, f"mosaic.sharded.agree({how})", [mine])]
+    values = [row[0] for row in ctx.agreement.round(HELPER, f"mosaic.sharded.agree({how})", [mine])]
     if how == "equal":
         if len(set(values)) != 1:
             raise ValueError(

@@ -17,14 +17,22 @@ import os
 
 import torch
 
-from mosaic.backend import Backend, BackendNotSupported, Capabilities, Plan
-from mosaic.context import Context
-from mosaic.cost import Cost, attention_flops
-from mosaic.functional import plan_for
-from mosaic.kernels import lse_dtype
-from mosaic.options import Options
-from mosaic.problem import AttentionProblem
-from mosaic.registry import BackendUnavailable, get_backend
+from mosaic.sdk import (
+    AttentionProblem,
+    Backend,
+    BackendNotSupported,
+    BackendUnavailable,
+    Capabilities,
+    Context,
+    Cost,
+    Options,
+    Pass,
+    Plan,
+    attention_passes,
+    get_backend,
+    lse_dtype,
+    plan_inner,
+)
 
 from .hierarchical import HierPlan
 from .options import HierOptions, warn_local_world
@@ -100,13 +108,20 @@ class HierarchicalBackend(Backend):
             return [f"{what}, which can't take it: {exc}"]
         return [f"{what}, which can't run it: {r}" for r in backend.not_supported_reasons(inner)]
 
+    def estimate(self, problem: AttentionProblem) -> Cost:
+        delegated = _delegated(problem)
+        if delegated is not None:
+            backend, inner = delegated
+            return backend.estimate(inner)
+        return _cost(problem, problem.options)
+
     def plan(self, problem: AttentionProblem) -> Plan:
         opts = problem.options
         warn_local_world(opts.intra_node_size, os.environ.get("LOCAL_WORLD_SIZE"))
         delegated = _delegated(problem)
         if delegated is not None:
             backend, inner = delegated
-            return plan_for(backend, inner, problem.context)
+            return plan_inner(backend, inner)
         topo = topology(problem, opts.intra_node_size)
         return HierPlan.of(problem, topo, opts, _cost(problem, opts))
 
@@ -118,10 +133,10 @@ def _cost(p: AttentionProblem, opts: HierOptions) -> Cost:
     kept = [p.kv_block(r).size for r in range(p.size)]
     width = p.batch * 2 * p.kv_heads * p.head_dim
     rings = (opts.inter_node_strategy == "ring") + (opts.intra_node_strategy == "ring")
+    foreign = sum(kept) - min(kept)
+    forward, backward = attention_passes(p.batch, p.heads, p.head_dim, p.busiest_pairs())
     return Cost(
-        flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()),
-        bytes=width * (sum(kept) - min(kept)) * (2 * e + f),
-        hidden=rings / 2,
+        Pass(forward, width * foreign * e, rings / 2, p.size - 1),
+        Pass(backward, width * foreign * (e + f), rings / 2, p.size - 1),
         memory=width * max(kept) * opts.intra_node_size * (e + f),
-        collectives=2 * (p.size - 1),
     )

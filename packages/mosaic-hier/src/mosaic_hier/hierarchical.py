@@ -41,12 +41,24 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaic.backend import Plan
-from mosaic.blockwise import Partial, Piece, accumulate, block_grads, blocks
-from mosaic.comm import all_gather_uneven, reduce_scatter_uneven, resized, rotate, rotate_back
-from mosaic.kernels import KernelCall, lse_dtype
-from mosaic.layout import Span
-from mosaic.problem import AttentionProblem, KeyBlock
+from mosaic.sdk import (
+    AttentionProblem,
+    KernelCall,
+    KeyBlock,
+    Partial,
+    Piece,
+    Plan,
+    Span,
+    accumulate,
+    all_gather_uneven,
+    block_grads,
+    blocks,
+    lse_dtype,
+    reduce_scatter_uneven,
+    resized,
+    rotate,
+    rotate_back,
+)
 
 from .options import HierOptions
 from .topology import Topology

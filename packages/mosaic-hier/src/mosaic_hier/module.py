@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mosaic.attention import MultiAxisAttention
+from mosaic.sdk import MultiAxisAttention
 
 __all__ = ["HierarchicalAttention"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from mosaic.options import Options
+from mosaic.sdk import Options
 
 __all__ = [
     "INTER_STRATEGIES",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from mosaic.problem import AttentionProblem
+from mosaic.sdk import AttentionProblem
 
 
 @dataclass(frozen=True)

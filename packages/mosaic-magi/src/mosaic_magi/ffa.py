@@ -29,7 +29,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from mosaic.kernels import BlockSpec, Kernel
+from mosaic.sdk import BlockSpec, Kernel
 
 from .magi import _MAX_TOKENS, INSTALL_HINT, gpu_reasons, is_installed
 from .mask import FFA_HEAD_DIMS, padded_head_dim

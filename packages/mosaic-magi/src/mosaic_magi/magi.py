@@ -46,10 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mosaic.backend import Backend, Capabilities, Plan
-from mosaic.cost import Cost, attention_flops
-from mosaic.options import Options
-from mosaic.problem import AttentionProblem
+from mosaic.sdk import AttentionProblem, Backend, Capabilities, Cost, Options, Pass, Plan, attention_passes
 
 from .mask import FFA_HEAD_DIMS, PackedMask, pack_mask, padded_head_dim
 
@@ -201,25 +198,27 @@ def magi_cost(problem: AttentionProblem, mask: PackedMask, head_dim: int) -> Cos
     pairs = [p.pairs(r) for r in range(p.size)]
     busiest = max(range(p.size), key=lambda r: (pairs[r], mask.remote_keys(r)))
     remote = max(mask.remote_keys(r) for r in range(p.size))
-    flops = attention_flops(p.batch, p.heads, p.head_dim, pairs[busiest]) * _FFA_VS_CUDNN
-    # K, V fetched in the forward, fetched again in the backward, dK, dV reduced back: 6 tensors of R rows.
-    moved = 6 * remote * p.kv_heads * head_dim * size
-    hidden, collectives = 0.0, 0
+    forward, backward = (f * _FFA_VS_CUDNN for f in attention_passes(p.batch, p.heads, p.head_dim, pairs[busiest]))
+    # K, V fetched in the forward (2 tensors of R rows); fetched again in the backward and dK, dV reduced back (4).
+    unit = remote * p.kv_heads * head_dim * size
+    fetch_hidden = reduce_hidden = 0.0
+    degree = 0
     if p.size > 1 and remote:
         # Stage i + 1's fetch runs under stage i's compute, and stage i's dK/dV reduce under stage i + 1's:
-        # of the 4 fetched tensors (K, V forward and backward) all but the first stage's need remote compute,
-        # the first stage's the local stage's (none on a rank that holds no keys it sees); of the 2 reduced
-        # ones (dK, dV) the last stage's is waited for.
+        # all but the first stage's fetches need remote compute, the first stage's the local stage's (none on
+        # a rank that holds no keys it sees); of the reduces the last stage's is waited for.
         degree = options.overlap_degree or 2  # None: MagiAttention's solver picks; 2 is a middling guess
         has_local = 1.0 if mask.pairs(busiest, local=True) else 0.0
-        fetch, reduce = (degree - 1 + has_local) / degree, (degree - 1) / degree
-        hidden = (4 * fetch + 2 * reduce) / 6
-        collectives = 3 * degree
+        fetch_hidden, reduce_hidden = (degree - 1 + has_local) / degree, (degree - 1) / degree
     tokens = mask.block
     packed = tokens * (2 * p.heads + 2 * p.kv_heads) * head_dim * size  # q, k, v, out in the packed layout
     accumulators = tokens * p.heads * (head_dim + 1) * 4  # fp32 out and lse (dQ in the backward)
     fetched = remote * 2 * p.kv_heads * head_dim * (size + 4)  # remote K/V, and their fp32 dK/dV partials
-    return Cost(flops, moved, hidden, packed + accumulators + fetched, collectives)
+    return Cost(
+        Pass(forward, 2 * unit, fetch_hidden, degree),
+        Pass(backward, 4 * unit, (fetch_hidden + reduce_hidden) / 2, 2 * degree),
+        memory=packed + accumulators + fetched,
+    )
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mosaic.layout import Span
-from mosaic.problem import AttentionProblem
+from mosaic.sdk import AttentionProblem, Span
 
 __all__ = ["FFA_HEAD_DIMS", "PackedMask", "pack_mask", "padded_head_dim"]
 

@@ -16,11 +16,7 @@ import math
 
 import torch
 
-from mosaic.attention import MultiAxisAttention
-from mosaic.context import get_context
-from mosaic.functional import attend
-from mosaic.guard import site_id
-from mosaic.problem import kv_len_int
+from mosaic.sdk import LayoutRule, MultiAxisAttention, attend, get_context, kv_len_int, site_id
 
 from .grid import check_mesh_shape, layouts_from_rows, shard_grid, unshard_grid
 
@@ -107,7 +103,8 @@ class MultiAxisAttention2D(MultiAxisAttention):
         """
         d1, d2 = self._joint_dims(x)
         ctx = get_context()
-        ctx.sharded_dims[d1], ctx.sharded_dims[d2] = (grid_declaration(self.mesh_shape, i) for i in (1, 2))
+        for d, side in ((d1, 1), (d2, 2)):
+            ctx.declarations.declare_grid(d, grid_declaration(self.mesh_shape, side))
         return shard_grid(x, d1, d2, self.mesh_shape, ctx.sp_rank)
 
     def unshard(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,9 +126,9 @@ class MultiAxisAttention2D(MultiAxisAttention):
                 first ``k`` positions along ``axis1``. In ``[1, N1 * N2]``.
             causal: not supported (the ``mesh2d`` backend says why).
 
-        Every rank's input is checked with the others' in one guarded exchange: a bad
-        input on one rank, blocks that do not form a grid, or dims not sharded as this
-        grid (:meth:`shard`) raise the same error on every rank.
+        Every rank's input is checked with the others' in one agreement: a bad input on one
+        rank, blocks that do not form a grid, or dims not sharded as this grid (:meth:`shard`)
+        raise the same error on every rank.
         """
         ctx = get_context()
         try:
@@ -150,14 +147,14 @@ class MultiAxisAttention2D(MultiAxisAttention):
             if kv is not None:
                 xkv, _, kv_block = _fold_joint(kv, d1, d2)
             q, k, v = self._project(xq, xkv)
-            declared = [site_id(ctx.sharded_dims.get(d, "none")) for d in (d1, d2)]
+            declared = [site_id(ctx.declarations.grids.get(d, "none")) for d in (d1, d2)]
         except (TypeError, ValueError) as exc:
-            attend(None, None, None, self._call(None, causal, None, ()), error=exc)
-            raise AssertionError("unreachable: the guard raises") from exc
+            return attend(None, None, None, self._call(None, causal, ()), error=exc)
         expected = [site_id(grid_declaration(self.mesh_shape, i)) for i in (1, 2)]
 
         def layouts(rows):
-            if any(list(r[-6:-4]) != expected for r in rows):
+            # On one rank every tensor is its own (1, 1) grid: nothing needs declaring there.
+            if ctx.sp_size > 1 and any(list(r[-6:-4]) != expected for r in rows):
                 raise ValueError(
                     f"{self.description}: dims {d1} and {d2} are not sharded as a {self.mesh_shape} grid on every "
                     "rank; shard the tensor with MultiAxisAttention2D.shard (dim1 over the mesh rows, dim2 over "
@@ -165,8 +162,8 @@ class MultiAxisAttention2D(MultiAxisAttention):
                 )
             return layouts_from_rows(rows, self.mesh_shape, ["x", "kv"])
 
-        call = self._call(kv_len, causal, None, tuple(batch_shape))
-        out = attend(q, k, v, call, extra_facts=[*declared, *block, *kv_block], layouts=layouts)
+        call = self._call(kv_len, causal, tuple(batch_shape))
+        out = attend(q, k, v, call, rule=LayoutRule(facts=[*declared, *block, *kv_block], agreed=layouts))
         out = out.transpose(1, 2).reshape(xq.shape[0], xq.shape[1], self.embed_dim)
         return _unfold_joint(self.out_proj(out), batch_shape, block, d1, d2)
 

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mosaic.comm import all_gather_uneven
-from mosaic.context import Context, exchange_ints
-from mosaic.layout import SeqLayout, Span
+from mosaic.sdk import Context, SeqLayout, Span, all_gather_uneven
 
 
 def check_mesh_shape(mesh_shape: tuple[int, ...] | None) -> tuple[int, int]:
@@ -94,13 +92,13 @@ def grid_layouts(
 ) -> list[GridLayout]:
     """The :class:`GridLayout` of each named tensor whose block on this rank is ``(n1, n2)`` long.
 
-    One guarded exchange over the sp group covers every tensor (:func:`layouts_from_rows`).
+    One small all-gather over the sp group covers every tensor (:func:`layouts_from_rows`).
     """
     rows, cols = mesh_shape
     if rows * cols != ctx.sp_size:
         raise ValueError(f"mesh_shape {mesh_shape} has {rows * cols} ranks but the sp group has {ctx.sp_size}")
     mine = [n for sizes in local_sizes.values() for n in sizes]
-    return layouts_from_rows(exchange_ints(ctx, mine, "grid_layouts"), mesh_shape, list(local_sizes))
+    return layouts_from_rows(ctx.gather_ints(mine), mesh_shape, list(local_sizes))
 
 
 def layouts_from_rows(table: list[tuple[int, ...]], mesh_shape: tuple[int, int], names: list[str]) -> list[GridLayout]:

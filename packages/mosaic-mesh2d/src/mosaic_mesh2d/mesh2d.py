@@ -42,17 +42,32 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mosaic.backend import Backend, BackendNotSupported, Capabilities, Plan
-from mosaic.blockwise import Piece, backward_, blocks, empty_partial, merge_
-from mosaic.blockwise import forward as block_forward
-from mosaic.comm import all_gather_uneven, all_to_all_uneven, reduce_scatter_uneven
-from mosaic.context import Context
-from mosaic.cost import Cost, attention_flops
-from mosaic.kernels import lse_dtype
-from mosaic.layout import LAYOUTS
-from mosaic.local import span_plan
-from mosaic.options import Options, check_shape
-from mosaic.problem import AttentionProblem, KeyBlock
+from mosaic.sdk import (
+    LAYOUTS,
+    AttentionProblem,
+    Backend,
+    BackendNotSupported,
+    Capabilities,
+    Context,
+    Cost,
+    KeyBlock,
+    Options,
+    Pass,
+    Piece,
+    Plan,
+    all_gather_uneven,
+    all_to_all_uneven,
+    attention_passes,
+    backward_,
+    block_forward,
+    blocks,
+    check_shape,
+    empty_partial,
+    lse_dtype,
+    merge_,
+    reduce_scatter_uneven,
+    span_plan,
+)
 
 from .grid import mesh_groups
 
@@ -112,6 +127,9 @@ class Mesh2DBackend(Backend):
             )
         return reasons
 
+    def estimate(self, problem: AttentionProblem) -> Cost:
+        return span_plan(problem).cost if problem.size == 1 else _cost(problem)
+
     def plan(self, problem: AttentionProblem) -> Plan:
         return span_plan(problem) if problem.size == 1 else Tile.of(problem)
 
@@ -159,11 +177,11 @@ def _cost(p: AttentionProblem) -> Cost:
     )  # fmt: skip
     e, f = torch.empty((), dtype=p.dtype).element_size(), 4
     tile_q, tile_k = cols * max(p.q_layout.lengths), rows * max(kept)
+    forward_flops, backward_flops = attention_passes(p.batch, p.heads, p.head_dim, p.busiest_pairs())
     return Cost(
-        flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()),
-        bytes=forward + backward,
+        Pass(forward_flops, forward, 0.0, 3),  # gather Q along the row, K/V along the column; scatter the merge
+        Pass(backward_flops, backward, 0.0, 4),
         memory=p.batch * p.head_dim * (tile_q * p.heads * (e + 2 * f) + tile_k * 2 * p.kv_heads * (e + f)),
-        collectives=7,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mosaic.layout import from_zigzag, to_zigzag
+from mosaic import from_zigzag, to_zigzag
 
 from .allgather import AllGatherBackend
 from .flash_engine import RingFlashAttnBackend

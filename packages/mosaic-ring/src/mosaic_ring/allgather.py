@@ -24,14 +24,23 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaic import blockwise
-from mosaic.backend import Backend, Capabilities, Plan
-from mosaic.comm import start_all_gather, start_reduce_scatter
-from mosaic.cost import Cost, attention_flops
-from mosaic.kernels import lse_dtype
-from mosaic.local import span_plan
-from mosaic.options import Options, check_positive_int
-from mosaic.problem import AttentionProblem, KeyBlock
+from mosaic.sdk import (
+    AttentionProblem,
+    Backend,
+    Capabilities,
+    Cost,
+    KeyBlock,
+    Options,
+    Pass,
+    Plan,
+    attention_passes,
+    blockwise,
+    check_positive_int,
+    lse_dtype,
+    span_plan,
+    start_all_gather,
+    start_reduce_scatter,
+)
 
 __all__ = ["AllGatherBackend", "AllGatherOptions", "AllGatherPlan"]
 
@@ -76,17 +85,17 @@ class AllGatherBackend(Backend):
 
 
 def _cost(p: AttentionProblem, sizes: tuple[int, ...], chunks: int) -> Cost:
-    """The busiest rank: every other rank's kept keys arrive; fp32 dK/dV of its own come back P - 1 times."""
+    """The busiest rank: every other rank's kept keys arrive in the forward; in the backward the fp32 dK/dV of
+    its own come back from the P - 1 others (a reduce-scatter). Chunks hide all but the first transfer."""
     e = torch.empty((), dtype=p.dtype).element_size()
     f = torch.empty((), dtype=lse_dtype(p.dtype)).element_size()
     width = p.batch * 2 * p.kv_heads * p.head_dim
-    received = max((sum(sizes) - own) * e + own * (p.size - 1) * f for own in sizes)
+    forward, backward = attention_passes(p.batch, p.heads, p.head_dim, p.busiest_pairs())
+    hidden = (chunks - 1) / chunks
     return Cost(
-        flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()),
-        bytes=width * received,
-        hidden=(chunks - 1) / chunks,
+        Pass(forward, width * max(sum(sizes) - own for own in sizes) * e, hidden, chunks),
+        Pass(backward, width * max(sizes) * (p.size - 1) * f, hidden, 2 * chunks),
         memory=width * sum(sizes) * (e + f),
-        collectives=3 * chunks,
     )
 
 

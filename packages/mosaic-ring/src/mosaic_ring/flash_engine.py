@@ -32,9 +32,7 @@ from importlib.util import find_spec
 
 import torch
 
-from mosaic.backend import Backend, Capabilities, Plan
-from mosaic.kernels import CUDA_MAX_BATCH_HEADS
-from mosaic.problem import AttentionProblem
+from mosaic.sdk import CUDA_MAX_BATCH_HEADS, AttentionProblem, Backend, Capabilities, Plan
 
 from .ring import ring_cost
 
@@ -152,7 +150,8 @@ class RingFlashAttnBackend(Backend):
     def plan(self, problem: AttentionProblem) -> Plan:
         cost = ring_cost(problem)
         # flash-attn 2's kernels ran 1.23x slower than cuDNN at head dim 24 on an H200 (docs/benchmarks.md).
-        return RingFlashPlan(problem, replace(cost, flops=cost.flops * _FA2_SLOWDOWN))
+        slower = lambda step: replace(step, flops=step.flops * _FA2_SLOWDOWN)
+        return RingFlashPlan(problem, replace(cost, forward=slower(cost.forward), backward=slower(cost.backward)))
 
 
 @dataclass(frozen=True)

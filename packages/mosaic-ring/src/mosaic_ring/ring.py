@@ -25,13 +25,25 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaic.backend import Backend, Capabilities, Plan
-from mosaic.blockwise import Partial, Piece, accumulate, block_grads, blocks
-from mosaic.comm import rotate, rotate_back
-from mosaic.cost import Cost, attention_flops
-from mosaic.kernels import lse_dtype
-from mosaic.local import span_plan
-from mosaic.problem import AttentionProblem, KeyBlock
+from mosaic.sdk import (
+    AttentionProblem,
+    Backend,
+    Capabilities,
+    Cost,
+    KeyBlock,
+    Partial,
+    Pass,
+    Piece,
+    Plan,
+    accumulate,
+    attention_passes,
+    block_grads,
+    blocks,
+    lse_dtype,
+    rotate,
+    rotate_back,
+    span_plan,
+)
 
 __all__ = ["RingBackend", "RingPlan", "ring_cost"]
 
@@ -70,18 +82,18 @@ def _busy(p: AttentionProblem, rows: list[int]) -> tuple[tuple[bool, ...], ...]:
 
 
 def ring_cost(p: AttentionProblem) -> Cost:
-    """The busiest rank: all other ranks' kept keys arrive forward and backward, with fp32 dK/dV accumulators."""
+    """The busiest rank: all other ranks' kept keys arrive in the forward; in the backward the keys again and
+    their fp32 dK/dV accumulators; every transfer is double-buffered under a step's kernels."""
     e = torch.empty((), dtype=p.dtype).element_size()
     f = torch.empty((), dtype=lse_dtype(p.dtype)).element_size()
     kept = [p.kv_block(r).size for r in range(p.size)]
     width = p.batch * 2 * p.kv_heads * p.head_dim
     foreign = sum(kept) - min(kept)
+    forward, backward = attention_passes(p.batch, p.heads, p.head_dim, p.busiest_pairs())
     return Cost(
-        flops=attention_flops(p.batch, p.heads, p.head_dim, p.busiest_pairs()),
-        bytes=width * foreign * (2 * e + f),
-        hidden=1.0,
+        Pass(forward, width * foreign * e, 1.0, p.size - 1),
+        Pass(backward, width * foreign * (e + f), 1.0, p.size - 1),
         memory=2 * width * max(kept) * (e + f),
-        collectives=2 * (p.size - 1),
     )
 
 

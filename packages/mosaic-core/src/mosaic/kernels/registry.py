@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from ..plugins import EntryPoints, PluginFailed
+from ..errors import PluginFailed
+from ..plugins import EntryPoints
 from .contract import BlockSpec, Kernel
 from .exact import MathKernel
 from .fa4 import Fa4Kernel

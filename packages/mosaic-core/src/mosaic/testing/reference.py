@@ -209,6 +209,7 @@ def make_problem(
     """
     import mosaic
     from mosaic.context import Context
+    from mosaic.groups import Groups
     from mosaic.layout import SeqLayout
     from mosaic.problem import AttentionProblem
 
@@ -217,7 +218,7 @@ def make_problem(
         batch=1, heads=heads, kv_heads=heads if kv_heads is None else kv_heads, head_dim=head_dim,
         dtype=torch.float32, device=torch.device("cpu"), q_layout=layout, kv_layout=layout, rank=0,
         causal=False, kv_len=None, scale=head_dim**-0.5,
-        context=Context(torch.device("cpu"), 0, size, 0, size, None, 0, 1, None, None, timedelta(seconds=1)),
+        context=Context(torch.device("cpu"), 0, size, Groups.without_groups(size), timedelta(seconds=1)),
     )  # fmt: skip
     if backend is not None:
         values["options"] = mosaic.get_backend(backend).parse_options(options)
