@@ -53,9 +53,19 @@ __all__ = [
 class ShardedDim:
     """This rank's part of a dim of ``total`` positions sharded over the sp group.
 
-    ``spans`` are the global positions of the local rows, in local order (one
-    span for the contiguous layout, two for zigzag). Build it with
-    ``ctx.sharded_dim(total, dim, layout)`` or :meth:`of`.
+    Build it with ``ctx.sharded_dim(total, dim, layout)`` (or :meth:`of`); the
+    reductions of this module take it as ``over=``.
+
+    Attributes:
+        total: positions of the dim over all ranks.
+        spans: the global ``(start, stop)`` positions of the local rows, in local
+            order: one span for the contiguous layout, two for zigzag, none for an
+            empty shard.
+        layout: ``"contiguous"`` or ``"zigzag"``.
+        group: the process group the dim is sharded over; ``None`` when this rank
+            holds it whole (a one-rank sp group, or :meth:`whole`).
+        length: local rows (a property).
+        offset: global position of the first local row (a property).
     """
 
     total: int
@@ -65,6 +75,7 @@ class ShardedDim:
 
     @classmethod
     def of(cls, context: Context, total: int, layout: LayoutKind = "contiguous") -> ShardedDim:
+        """This rank's part of ``total`` positions over ``context``'s sp group, in ``layout``."""
         spans = context.layout(total, layout).spans(context.sp_rank)
         return cls(total, spans, layout, context.sp_group if context.sp_size > 1 else None)
 
