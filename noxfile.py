@@ -19,11 +19,26 @@ import nox
 import tomllib
 
 ROOT = Path(__file__).parent
-# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
+# Pinned: an unpinned torch would move with every release. From the package index this is the CUDA build on
+# Linux (several GB with its NVIDIA libraries); MOSAIC_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the CPU-only build (about 200 MB) from PyTorch's own index instead.
 TORCH = os.environ.get("MOSAIC_TORCH", "torch==2.13.0")
+TORCH_INDEX = os.environ.get("MOSAIC_TORCH_INDEX")
+# The docs tools, at the versions the site was last built with (nox -s docs).
+DOCS = [
+    "mkdocs==1.6.1",
+    "mkdocstrings==1.0.8",
+    "mkdocstrings-python==2.0.11",
+    "griffelib==2.4.1",
+    "mkdocs-autorefs==1.4.5",
+    "markdown==3.11.3",
+    "ruff==0.17.6",  # formats the signatures
+]
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests", "package"]
+nox.options.sessions = ["lint", "tests", "package", "docs"]
+# A session's second run reuses its virtual environment; pip then finds torch and the rest installed.
+nox.options.reuse_venv = "yes"
 
 
 @dataclass(frozen=True)
@@ -55,8 +70,18 @@ def local_dependencies(pkg: Package) -> list[Package]:
     return out
 
 
+def _install_torch(session: nox.Session) -> None:
+    """torch first, with pip's progress on screen: the first install is the long one of every session."""
+    where = f"from {TORCH_INDEX}" if TORCH_INDEX else "from the package index"
+    session.log(
+        f"installing {TORCH} {where}; a virtual environment that has it already installs nothing"
+        + ("" if TORCH_INDEX else " (MOSAIC_TORCH_INDEX=https://download.pytorch.org/whl/cpu: the CPU-only build)")
+    )
+    session.install(TORCH, *(["--index-url", TORCH_INDEX] if TORCH_INDEX else []), silent=False)
+
+
 def _install(session: nox.Session, *packages: Package) -> None:
-    session.install(TORCH)
+    _install_torch(session)
     ordered: list[Package] = []
     for pkg in packages:
         ordered += [p for p in (*local_dependencies(pkg), pkg) if p not in ordered]
@@ -114,7 +139,7 @@ def _entry_points(pkg: Package) -> list[str]:
 @nox.session
 def root(session: nox.Session) -> None:
     """``pip install -e ".[all]"`` at the repository root: every package's backends are found."""
-    session.install(TORCH)
+    _install_torch(session)
     session.install("-e", ".[all]")
     want = sorted({name for p in PACKAGES for name in _entry_points(p)})
     check = f"import mosaic; got = sorted(set(mosaic.available_backends())); assert got == {want!r}, got; print(got)"
@@ -156,6 +181,16 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_kernels.py", "--packed")
     session.run("torchrun", f"--nproc_per_node={count}", "benchmarks/bench_sp.py", "--kernels", "auto", "cudnn",
                 *session.posargs)  # fmt: skip
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site with its API reference into site/ (mkdocs --strict: any warning fails).
+
+    mkdocstrings reads the docstrings from the sources, so neither torch nor the packages are installed.
+    """
+    session.install(*DOCS)
+    session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 @nox.session

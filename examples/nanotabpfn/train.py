@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from nanotabpfn.bench import bench_steps
@@ -33,6 +33,7 @@ from nanotabpfn.realdata import MISSING as IRIS_MISSING
 from tqdm import tqdm
 
 import mosaic
+import mosaic.cli
 
 IRIS_CLASSES = 3
 
@@ -47,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sharding = p.add_argument_group("sharding and devices")
     sharding.add_argument("--sp-size", type=int, default=None, help="ranks sharing one table's rows (default: all)")
     sharding.add_argument("--backend", default="allgather", help="row-attention strategy (default: allgather)")
+    sharding.add_argument(
+        "--backend-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --backend, repeatable: mesh_shape=2,2 (mesh2d, composed), intra_node_size=2 "
+        "(hierarchical), chunks=2 (allgather); values read as ints, tuples (2,2), bools (true), strings",
+    )
     sharding.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     sharding.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for cuda)"
@@ -121,6 +130,10 @@ def check_args(args: argparse.Namespace, world: int, launched: bool) -> str | No
         return "--device cuda, but CUDA is not available"
     if args.backend not in mosaic.available_backends():
         return f"--backend {args.backend!r} is not installed; available: {', '.join(mosaic.available_backends())}"
+    try:
+        backend_options(args)
+    except ValueError as exc:
+        return str(exc)
     if args.lr <= 0 or args.bench_steps < 0 or args.bench_warmup < 0 or args.save_every < 0:
         return "--lr must be positive; --bench-steps, --bench-warmup and --save-every must not be negative"
     if args.eval_every is not None and args.eval_every < 0:
@@ -128,6 +141,21 @@ def check_args(args: argparse.Namespace, world: int, launched: bool) -> str | No
     if world > 1 and importlib.util.find_spec("numpy") is None:
         return "checkpoints of several processes need numpy: pip install -r examples/nanotabpfn/requirements.txt"
     return None
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--backend-option`` as the options of ``--backend``; a ``ValueError`` in words when they are not."""
+    try:
+        options = mosaic.cli.parse_options(args.backend_option)
+    except ValueError as exc:
+        raise ValueError(f"--backend-option: {exc}") from None
+    backend = mosaic.get_backend(args.backend)
+    missing = mosaic.cli.missing_options(backend, options)
+    if missing:
+        examples = " ".join(f"--backend-option {mosaic.cli.option_example(backend, n, args.sp_size)}" for n in missing)
+        raise ValueError(f"--backend {args.backend} needs option(s) {', '.join(missing)}: e.g. {examples}")
+    backend.parse_options(options)  # an unknown option or a bad value raises, naming it
+    return options
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
@@ -318,6 +346,13 @@ def bench(args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, opti
     print(f"wrote {args.out_dir / name}")
 
 
+def fail(problem: str) -> NoReturn:
+    """Stop with a usage error; every process finds the same problem and one message is enough."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train.py: error: {problem}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
@@ -325,10 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     args.sp_size = world if args.sp_size is None else args.sp_size
     problem = check_args(args, world, launched)
     if problem is not None:
-        # Every process finds the same problem; one message is enough.
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"train.py: error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        fail(problem)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.bf16 is None:
@@ -337,27 +369,36 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" else "cpu"
     if args.kernel:
         os.environ["MOSAIC_KERNEL"] = args.kernel
+    options = backend_options(args)
     ctx = mosaic.init(sp_size=args.sp_size, device=device)
     try:
+        described = ", ".join(f"{k}={mosaic.cli.format_value(v)}" for k, v in options.items())
         log(
             ctx,
-            f"nanoTabPFN: world {ctx.world_size} = dp {ctx.dp_size} x sp {ctx.sp_size}, backend {args.backend}, "
+            f"nanoTabPFN: world {ctx.world_size} = dp {ctx.dp_size} x sp {ctx.sp_size}, "
+            f"backend {args.backend}{f' ({described})' if described else ''}, "
             f"{ctx.device}{' bf16' if args.bf16 else ''}; {args.rows} rows per table "
             f"(about {args.rows // ctx.sp_size} per rank), batches of {args.batch_size} tables",
         )
         # The same seed on every rank gives every rank the same initial weights.
         torch.manual_seed(args.seed)
-        model = NanoTabPFN(
-            **model_config(args),
-            backend=args.backend,
-            checkpoint_layers=args.checkpoint_layers,
-            inference_rows=args.inference_rows,
-        ).to(ctx.device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        if args.bench_steps:
-            bench(args, ctx, model, optimizer)
-        else:
-            train(args, ctx, model, optimizer)
+        try:
+            model = NanoTabPFN(
+                **model_config(args),
+                backend=args.backend,
+                backend_options=options,
+                checkpoint_layers=args.checkpoint_layers,
+                inference_rows=args.inference_rows,
+            ).to(ctx.device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            if args.bench_steps:
+                bench(args, ctx, model, optimizer)
+            else:
+                train(args, ctx, model, optimizer)
+        except mosaic.BackendNotSupported as exc:
+            # The backend can't run these options or this model (a mesh of another size, heads % P): every
+            # rank of the sp group raises the same, so this is a bad command line, not a crash.
+            fail(str(exc))
     finally:
         mosaic.shutdown()
 

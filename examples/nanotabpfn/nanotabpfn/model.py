@@ -17,6 +17,9 @@ checkpoints load. The differences are what sharding the rows needs:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,12 +68,22 @@ class TargetEncoder(nn.Module):
 class TransformerEncoderLayer(nn.Module):
     """Post-norm block: attention between features, between rows (to train rows), MLP."""
 
-    def __init__(self, embedding_size: int, nhead: int, mlp_hidden_size: int, backend: str, layer_norm_eps: float):
+    def __init__(
+        self,
+        embedding_size: int,
+        nhead: int,
+        mlp_hidden_size: int,
+        backend: str,
+        layer_norm_eps: float,
+        backend_options: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         # Features of one row are few and whole on every rank: local attention over dim 2.
         self.self_attention_between_features = mosaic.MultiAxisAttention(embedding_size, nhead, 2, "local")
         # Rows are sharded: the sequence-parallel backend over dim 1.
-        self.self_attention_between_datapoints = mosaic.MultiAxisAttention(embedding_size, nhead, 1, backend)
+        self.self_attention_between_datapoints = mosaic.MultiAxisAttention(
+            embedding_size, nhead, 1, backend, backend_options=backend_options
+        )
         self.linear1 = nn.Linear(embedding_size, mlp_hidden_size)
         self.linear2 = nn.Linear(mlp_hidden_size, embedding_size)
         self.norm1 = nn.LayerNorm(embedding_size, eps=layer_norm_eps)
@@ -122,6 +135,8 @@ class NanoTabPFN(nn.Module):
         num_layers: transformer blocks.
         num_outputs: classes the decoder scores.
         backend: Mosaic strategy for row attention (``"local"`` when the rows are whole).
+        backend_options: its options (``mosaic.get_backend(backend).Options``), e.g.
+            ``{"mesh_shape": (2, 2)}`` for ``mesh2d``.
         checkpoint_layers: recompute each block in the backward instead of keeping its
             activations (memory for 10^6 rows, about a third more compute).
         inference_rows: without gradients, run each block's feature attention on this many
@@ -139,6 +154,7 @@ class NanoTabPFN(nn.Module):
         num_outputs: int = 2,
         backend: str = "local",
         *,
+        backend_options: Mapping[str, Any] | None = None,
         checkpoint_layers: bool = False,
         inference_rows: int | None = None,
         layer_norm_eps: float = 1e-5,
@@ -150,15 +166,17 @@ class NanoTabPFN(nn.Module):
         self.feature_encoder = FeatureEncoder(embedding_size)
         self.target_encoder = TargetEncoder(embedding_size)
         self.transformer_blocks = nn.ModuleList(
-            TransformerEncoderLayer(embedding_size, num_attention_heads, mlp_hidden_size, backend, layer_norm_eps)
+            TransformerEncoderLayer(
+                embedding_size, num_attention_heads, mlp_hidden_size, backend, layer_norm_eps, backend_options
+            )
             for _ in range(num_layers)
         )
         self.decoder = Decoder(embedding_size, mlp_hidden_size, num_outputs)
 
-    def set_row_backend(self, name: str) -> None:
-        """Switch every block's row attention to another strategy (the weights stay)."""
+    def set_row_backend(self, name: str, **options: Any) -> None:
+        """Switch every block's row attention to another strategy and its options (the weights stay)."""
         for block in self.transformer_blocks:
-            block.self_attention_between_datapoints.set_backend(name)
+            block.self_attention_between_datapoints.set_backend(name, **options)
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, train_size: int, rows: ShardedDim | None = None

@@ -7,6 +7,8 @@ support, so the kit runs every standard case but the causal ones.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 
 import mosaic
 from mosaic.testing import STANDARD_CASES, cases_for, run_conformance, run_distributed
+from mosaic.testing.__main__ import main
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,13 @@ class GatherAllPlan(mosaic.Plan):
         p = self.problem
         keys, values = (p.context.unshard(t, 2, p.kv_layout.kind) for t in (k, v))
         return mosaic.attention(q, keys, values, kv_len=p.kv_len, scale=p.scale)
+
+
+@dataclass(frozen=True)
+class Mesh2DLikeOptions(mosaic.Options):
+    """An option without a default, as mesh2d's."""
+
+    mesh_shape: tuple[int, int]
 
 
 class GatherAll(mosaic.Backend):
@@ -66,12 +76,12 @@ class _LocalKeysPlan(mosaic.Plan):
 
 def register() -> None:
     """What the plugin's package would do through its entry point; run on every rank."""
-    for cls in (GatherAll, LocalKeysOnly):
+    for cls in (GatherAll, LocalKeysOnly, RaisesOnCross, NeedsShape, OneRankOnly):
         mosaic.register_backend(cls.name, cls, override=True)
 
 
 def unregister() -> None:
-    for cls in (GatherAll, LocalKeysOnly):
+    for cls in (GatherAll, LocalKeysOnly, RaisesOnCross, NeedsShape, OneRankOnly):
         mosaic.unregister_backend(cls.name)
 
 
@@ -83,3 +93,96 @@ def plugins():
     unregister()
     for world in (1, 2, 3):
         run_distributed(unregister, world)
+
+
+class RaisesOnCross(GatherAll):
+    """Raises, on every rank, for cross-attention: the kit must report it, not stop."""
+
+    name = "raises_on_cross"
+
+    def plan(self, problem):
+        if problem.cross:
+            raise RuntimeError("no cross-attention here")
+        return super().plan(problem)
+
+
+def test_the_report_has_a_verdict_a_row_per_case_and_prints_a_table(capsys) -> None:
+    report = run_conformance("gather_all", world_sizes=(2,), setup=register)
+    assert report.passed and report.backend == "gather_all" and report.world_sizes == (2,)
+    status = {r.case: r.status for r in report.results}
+    assert status == {c.name: "skip" if c.causal else "pass" for c in STANDARD_CASES}
+    skipped = [r for r in report.results if r.status == "skip"]
+    assert all(r.reasons == ("causal=True not supported",) and not r.errors for r in skipped)
+    passed = [r for r in report.results if r.status == "pass"]
+    assert all(set(r.errors) >= {"out", "dx", "params"} and max(r.errors.values()) <= 1e-5 for r in passed)
+    # As a mapping: the errors of the cases that ran, as run_conformance returned before.
+    assert set(report) == {2} and set(report[2]) == {r.case for r in passed}
+    table = capsys.readouterr().out
+    assert table.strip() == report.table() and "PASSED" in table.splitlines()[0]
+    assert "skipped P=2 causal: causal=True not supported" in table
+
+
+def test_a_failing_backend_gets_a_failing_report_with_check_false() -> None:
+    report = run_conformance("local_keys_only", world_sizes=(2,), setup=register, check=False, print_table=False)
+    assert not report.passed
+    failed = [r for r in report.results if r.status == "fail"]
+    assert failed and all(" error " in r.reasons[0] and r.reasons[0].endswith("> 1e-05") for r in failed)
+    table = report.table()
+    assert "FAILED" in table.splitlines()[0] and f"FAILED P=2 {failed[0].case}: " in table
+    with pytest.raises(AssertionError, match="fails conformance"):
+        report.check()
+
+
+def test_a_case_that_raises_fails_and_the_rest_of_its_world_size_is_skipped() -> None:
+    report = run_conformance("raises_on_cross", world_sizes=(2,), setup=register, check=False, print_table=False)
+    by_case = {r.case: r for r in report.results}
+    assert by_case["cross-attention"].status == "fail"
+    assert "raised RuntimeError: no cross-attention here" in by_case["cross-attention"].reasons[0]
+    later = by_case["cross-attention with kv_len"]
+    assert later.status == "skip" and later.reasons == ("not run: case 'cross-attention' raised before it",)
+    assert by_case["dim 1 of 4-D"].status == "pass" and not report.passed
+
+
+class OneRankOnly(GatherAll):
+    name = "one_rank_only"
+    capabilities = mosaic.Capabilities(causal=False, max_group_size=1)
+
+
+def test_a_world_size_without_any_declared_case_fails() -> None:
+    report = run_conformance("one_rank_only", world_sizes=(2,), setup=register, check=False, print_table=False)
+    assert not report.passed and report.problems == ("P=2: the backend declares none of the 17 cases",)
+    assert {r.status for r in report.results} == {"skip"}
+
+
+class NeedsShape(GatherAll):
+    name = "needs_shape"
+    Options = Mesh2DLikeOptions
+
+
+def test_command_line_exit_status_and_table(capsys) -> None:
+    """``local`` passes on one rank and, given a sharded dim, raises on two."""
+    assert main(["local", "--world-sizes", "1", "2"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("conformance of backend 'local' (tolerance 1e-05): FAILED, 17 passed, 1 failed, 16 skipped")
+    assert "FAILED P=2 dim 1 of 4-D: raised " in out
+
+
+def test_command_line_names_a_missing_option_with_an_example(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["needs_shape", "--world-sizes", "4"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m mosaic.testing: error: backend 'needs_shape' needs option(s) mesh_shape: "
+        "e.g. --option mesh_shape=2,2"
+    )
+
+
+def test_python_dash_m_runs_the_kit() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mosaic.testing", "local", "--world-sizes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "conformance of backend 'local' (tolerance 1e-05): PASSED" in done.stdout

@@ -214,8 +214,9 @@ class ComposedAttention(MultiAxisAttention):
         head_parallel: ``False`` runs ``seq_parallel`` on the whole sp group.
         seq_parallel: the sequence strategy's backend name (``"ring"``, ``"allgather"``,
             ``"mesh2d"``, ``"local"`` when ``s = 1``).
-        embed_dim, num_heads, attention_axis: as for ``MultiAxisAttention``; ``num_heads``
-            (and ``num_kv_heads``) must be divisible by ``h``.
+        embed_dim: as for ``MultiAxisAttention``.
+        num_heads: as for ``MultiAxisAttention``; it (and ``num_kv_heads``) must be divisible by ``h``.
+        attention_axis: as for ``MultiAxisAttention``.
         seq_mesh_shape: the sequence strategy's own ``mesh_shape`` (``mesh2d``: ``(R, C)``,
             ``R * C = s``, or the sp group size when ``head_parallel=False``).
         **kwargs: the other keyword arguments of ``MultiAxisAttention`` (``num_kv_heads``,

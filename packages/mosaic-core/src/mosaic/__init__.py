@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any
 
 import torch.nn as nn
@@ -38,7 +39,11 @@ from .registry import (
     unregister_backend,
 )
 
-__version__ = "0.2.0"
+try:
+    # The one version source is mosaic-core's pyproject.toml; every package of the repository has the same.
+    __version__ = importlib.metadata.version("mosaic-core")
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AttentionProblem",

@@ -25,7 +25,6 @@ docs/training.md says which to use when.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -201,12 +200,30 @@ def _quiet_if_one_process() -> Iterator[None]:
         yield
 
 
+def _numpy_imports() -> bool:
+    """Whether numpy imports (a broken install counts as missing, as it does for torch)."""
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_NUMPY_HINT = 'pip install "mosaic-core[training]" (or pip install numpy)'
+
+
 def _check_numpy() -> None:
-    """DCP agrees on its plan with object collectives, which torch implements with numpy."""
-    if dist.is_initialized() and dist.get_world_size() > 1 and importlib.util.find_spec("numpy") is None:
+    """Refuse before any file or collective: DCP's plan travels in object collectives, which torch decodes with numpy.
+
+    Without numpy, torch raises inside ``dcp.save`` on the rank that decodes the plans while the others
+    wait in its collectives until the process group's timeout; checked here, every rank stops at once
+    with the same error.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1 and not _numpy_imports():
         raise ImportError(
-            "torch.distributed.checkpoint needs numpy with more than one process (its plan is exchanged with "
-            "object collectives): pip install numpy"
+            f"checkpoints of {dist.get_world_size()} processes need numpy, which is not installed: "
+            "torch.distributed.checkpoint exchanges its plan as pickled objects and torch decodes them with "
+            f"numpy. Install it with {_NUMPY_HINT}"
         )
 
 
@@ -234,7 +251,8 @@ def save_checkpoint(
         extra: JSON-serialisable values to keep with it (step, loss history, configuration).
 
     Raises:
-        ImportError: with several processes and no numpy (DCP's object collectives need it).
+        ImportError: with several processes and no numpy (DCP's object collectives need it):
+            ``pip install "mosaic-core[training]"``.
     """
     _check_numpy()
     path = Path(path)
@@ -277,7 +295,8 @@ def checkpoint_extra(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: when ``path`` is not a distributed checkpoint.
-        ImportError: with several processes and no numpy (DCP's object collectives need it).
+        ImportError: with several processes and no numpy (DCP's object collectives need it):
+            ``pip install "mosaic-core[training]"``.
     """
     path = Path(path)
     _check_checkpoint(path)
@@ -303,7 +322,8 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: when ``path`` is not a distributed checkpoint.
-        ImportError: with several processes and no numpy (DCP's object collectives need it).
+        ImportError: with several processes and no numpy (DCP's object collectives need it):
+            ``pip install "mosaic-core[training]"``.
     """
     path = Path(path)
     _check_checkpoint(path)

@@ -53,12 +53,13 @@ def padded_head_dim(head_dim: int) -> int | None:
 class PackedMask:
     """The packed sequence of one problem and its slices, the same on every rank.
 
-    Args:
+    Attributes:
         batch: entries (batch') per rank.
         size: ranks of the cp (= sp) group.
         rows: rows each entry occupies in a rank's block (its shard, then pad rows).
         chunk_size: MagiAttention's dispatch chunk; ``block`` is a multiple of it.
-        q_ranges, k_ranges: the slices, in packed token indices.
+        q_ranges: the query slices, in packed token indices.
+        k_ranges: the key slices, in packed token indices.
         causal: per slice, CAUSAL (bottom-right aligned) rather than FULL.
     """
 

@@ -14,23 +14,27 @@ third-party::
 
 Every case compares outputs, input (and kv) gradients and parameter
 gradients with the ``local`` backend on the unsharded tensor
-(:func:`~mosaic.testing.compare_with_local`).
+(:func:`~mosaic.testing.compare_with_local`). The call prints a pass/fail
+table, raises when the backend fails (``check=False`` returns instead) and
+returns a :class:`ConformanceReport` with the verdict and every case's
+result. From the shell: ``python -m mosaic.testing NAME`` (see
+:mod:`mosaic.testing.__main__`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ..layout import SeqLayout
-from .harness import run_distributed
+from .harness import DistributedTestError, run_distributed
 from .reference import compare_with_local
 
-__all__ = ["STANDARD_CASES", "Case", "cases_for", "run_conformance"]
+__all__ = ["STANDARD_CASES", "Case", "CaseResult", "ConformanceReport", "cases_for", "run_conformance", "with_extra"]
 
 KvLen = int | Callable[[int, int], int] | None
 
@@ -131,20 +135,172 @@ def cases_for(
     return kept, skipped
 
 
+Status = Literal["pass", "fail", "skip"]
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One case at one world size: ``"pass"``, ``"fail"`` or ``"skip"``, why, and the errors measured.
+
+    ``reasons`` say why a case was skipped (what the backend declares it can't
+    run, or that an earlier case raised first) or why it failed (the errors over
+    the tolerance, or what it raised); ``errors`` are those of
+    :func:`~mosaic.testing.compare_with_local` (empty when nothing was measured).
+    """
+
+    world_size: int
+    case: str
+    status: Status
+    reasons: tuple[str, ...] = ()
+    errors: Mapping[str, float] = field(default_factory=dict)
+
+    def cell(self) -> str:
+        """The table's entry: the status and, for a measured case, its largest error."""
+        label = {"pass": "pass", "fail": "FAIL", "skip": "skip"}[self.status]
+        if not self.errors:
+            return label
+        return f"{label} {max(self.errors.values()):.1e}"
+
+
+@dataclass(frozen=True)
+class ConformanceReport(Mapping[int, dict[str, dict[str, float]]]):
+    """What :func:`run_conformance` found: a verdict, a row per case and world size, a printable table.
+
+    As a mapping it is ``{world size: {case name: errors}}`` over the cases
+    that ran (what ``run_conformance`` returned before it had a report).
+
+    Attributes:
+        backend: the backend checked.
+        tolerance: the largest error a passing case may have.
+        world_sizes: the world sizes asked for, in order.
+        results: every case at every world size (see :class:`CaseResult`).
+        problems: failures of a whole world size (no case declared, or the run failed).
+    """
+
+    backend: str
+    tolerance: float
+    world_sizes: tuple[int, ...]
+    results: tuple[CaseResult, ...]
+    problems: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """No case failed and every world size ran at least one case."""
+        return not self.problems and all(r.status != "fail" for r in self.results)
+
+    def count(self, status: Status) -> int:
+        return sum(r.status == status for r in self.results)
+
+    def failures(self) -> list[str]:
+        """One line per failure: the world-size problems, then every failed case with its reasons."""
+        lines = list(self.problems)
+        lines += [f"P={r.world_size} {r.case}: {'; '.join(r.reasons)}" for r in self.results if r.status == "fail"]
+        return lines
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` listing every failure unless the backend passed."""
+        if not self.passed:
+            raise AssertionError(f"backend {self.backend!r} fails conformance:\n  " + "\n  ".join(self.failures()))
+
+    def table(self) -> str:
+        """A pass/fail/skip table, a case per row and a world size per column, with the reasons below."""
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"conformance of backend {self.backend!r} (tolerance {self.tolerance:g}): {verdict}, "
+            f"{self.count('pass')} passed, {self.count('fail')} failed, {self.count('skip')} skipped"
+        ]
+        cells = {(r.case, r.world_size): r.cell() for r in self.results}
+        names = list(dict.fromkeys(r.case for r in self.results))
+        width = max([len("case"), *map(len, names)])
+        columns = [f"P={w}" for w in self.world_sizes]
+        size = max([len(c) for c in columns] + [len(c) for c in cells.values()])
+        lines.append("  ".join([f"{'case':<{width}}", *(f"{c:<{size}}" for c in columns)]).rstrip())
+        for name in names:
+            row = [cells.get((name, w), "-") for w in self.world_sizes]
+            lines.append("  ".join([f"{name:<{width}}", *(f"{c:<{size}}" for c in row)]).rstrip())
+        lines += [f"FAILED {line}" for line in self.failures()]
+        skips = [r for r in self.results if r.status == "skip"]
+        lines += [f"skipped P={r.world_size} {r.case}: {'; '.join(r.reasons)}" for r in skips]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _measured(self) -> dict[int, dict[str, dict[str, float]]]:
+        ran: dict[int, dict[str, dict[str, float]]] = {}
+        for r in self.results:
+            if r.status != "skip":
+                ran.setdefault(r.world_size, {})[r.case] = dict(r.errors)
+        return ran
+
+    def __getitem__(self, world_size: int) -> dict[str, dict[str, float]]:
+        return self._measured()[world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._measured())
+
+    def __len__(self) -> int:
+        return len(self._measured())
+
+
 def _run_cases(backend: str, world_size: int, options, cases: list[Case], dtype, setup: Callable[[], None] | None):
+    """On every rank: the cases in order, up to the first that raises (after it the ranks may be out of step)."""
     import mosaic
 
     if setup is not None:
         setup()
     mosaic.init(sp_size=world_size)
-    results = {}
+    results: dict[str, dict[str, float]] = {}
     for case in cases:
         kwargs: dict[str, Any] = dict(
             num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, kv_length=case.kv_length,
             kv_len=case.kv_len_for(world_size), causal=case.causal, layout=case.layout, dtype=dtype,
             backend_options=dict(options or {}), **case.extra,
         )  # fmt: skip
-        results[case.name] = compare_with_local(backend, case.shape, case.axis, **kwargs)
+        try:
+            results[case.name] = compare_with_local(backend, case.shape, case.axis, **kwargs)
+        except Exception as exc:
+            return results, (case.name, f"raised {type(exc).__name__}: {exc}")
+    return results, None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _results_at(
+    world: int,
+    cases: Sequence[Case],
+    skipped: Mapping[str, list[str]],
+    outcome: list[tuple[dict[str, dict[str, float]], tuple[str, str] | None]] | Exception,
+    tolerance: float,
+) -> list[CaseResult]:
+    """Every case's result at one world size, in the order of ``cases``, from what each rank returned."""
+    results: list[CaseResult] = []
+    if isinstance(outcome, Exception):
+        # A rank died or hung: no case of this size can be trusted.
+        why = (f"the run at P={world} failed: {_first_line(outcome)}",)
+    else:
+        # Every rank computes the same errors (from gathered tensors); a case that raised anywhere failed.
+        raised = dict(stop for _, stop in outcome if stop is not None)
+        ran = set.intersection(*(set(measured) for measured, _ in outcome))
+        measured = outcome[0][0]
+    for case in cases:
+        name = case.name
+        if name in skipped:
+            results.append(CaseResult(world, name, "skip", tuple(skipped[name])))
+        elif isinstance(outcome, Exception):
+            results.append(CaseResult(world, name, "fail", why))
+        elif name in raised:
+            results.append(CaseResult(world, name, "fail", (raised[name],)))
+        elif name in ran:
+            errors = measured[name]
+            reasons = tuple(f"{k} error {v:.2e} > {tolerance:g}" for k, v in errors.items() if not v <= tolerance)
+            results.append(CaseResult(world, name, "fail" if reasons else "pass", reasons, errors))
+        else:
+            first = next(iter(raised))
+            results.append(CaseResult(world, name, "skip", (f"not run: case {first!r} raised before it",)))
     return results
 
 
@@ -158,32 +314,53 @@ def run_conformance(
     dtype: torch.dtype = torch.float32,
     timeout: float = 300.0,
     setup: Callable[[], None] | None = None,
-) -> dict[int, dict[str, dict[str, float]]]:
-    """Check ``backend`` on every case it declares it runs, at each world size; raise listing failures.
+    check: bool = True,
+    print_table: bool = True,
+) -> ConformanceReport:
+    """Check ``backend`` on every case it declares it runs, at each world size, against ``local``.
 
-    Returns ``{world_size: {case name: errors}}`` (errors as
-    :func:`~mosaic.testing.compare_with_local` reports them). A case whose error
-    exceeds ``tolerance`` anywhere fails; so does a world size at which the
-    backend declares no case at all. ``setup`` (a module-level function) runs on
-    every rank first, e.g. to register a backend that no entry point provides.
+    A case whose error exceeds ``tolerance`` anywhere fails, and so does one that
+    raises (the cases after it at that world size are skipped: the ranks may be out
+    of step); a world size at which the backend declares no case at all fails as a
+    whole. ``setup`` (a module-level function) runs on every rank first, e.g. to
+    register a backend that no entry point provides.
+
+    Args:
+        backend: the backend's registered name.
+        world_sizes: the gloo world sizes to run (each a group of that many processes).
+        options: the backend's options, as ``MultiAxisAttention(backend_options=...)`` takes them.
+        cases: the cases to try (default :data:`STANDARD_CASES`).
+        tolerance: the largest error of a passing case (fp32: ``1e-5``).
+        dtype: the dtype of the inputs and the module.
+        timeout: seconds one world size may take before its workers are killed.
+        setup: run on every rank before the cases.
+        check: raise ``AssertionError`` listing the failures when the backend fails
+            (:meth:`ConformanceReport.check`); ``False`` returns the failing report.
+        print_table: print the pass/fail table (:meth:`ConformanceReport.table`).
+
+    Returns:
+        The :class:`ConformanceReport`: ``report.passed``, a :class:`CaseResult` per
+        case and world size, and ``report[world_size][case name]`` for the errors.
     """
-    found: dict[int, dict[str, dict[str, float]]] = {}
-    failures = []
+    results: list[CaseResult] = []
+    problems: list[str] = []
     for world in world_sizes:
-        kept, _ = cases_for(backend, world, options, cases)
+        kept, skipped = cases_for(backend, world, options, cases)
         if not kept:
-            failures.append(f"P={world}: the backend declares none of the {len(cases)} cases")
+            problems.append(f"P={world}: the backend declares none of the {len(cases)} cases")
+            results += _results_at(world, cases, skipped, [({}, None)], tolerance)
             continue
-        results = run_distributed(_run_cases, world, backend, world, options, kept, dtype, setup, timeout=timeout)
-        # Every rank holds the same errors (they are computed from gathered tensors); keep rank 0's.
-        found[world] = results[0]
-        for name, errors in results[0].items():
-            bad = {k: v for k, v in errors.items() if not v <= tolerance}
-            if bad:
-                failures.append(f"P={world} {name}: {bad}")
-    if failures:
-        raise AssertionError(f"backend {backend!r} fails conformance:\n  " + "\n  ".join(failures))
-    return found
+        try:
+            outcome = run_distributed(_run_cases, world, backend, world, options, kept, dtype, setup, timeout=timeout)
+        except (DistributedTestError, TimeoutError) as exc:
+            outcome = exc
+        results += _results_at(world, cases, skipped, outcome, tolerance)
+    report = ConformanceReport(backend, tolerance, tuple(world_sizes), tuple(results), tuple(problems))
+    if print_table:
+        print(report.table(), flush=True)
+    if check:
+        report.check()
+    return report
 
 
 def with_extra(case: Case, **extra: Any) -> Case:

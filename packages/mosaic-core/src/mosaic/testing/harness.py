@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -90,6 +90,25 @@ def _worker(rank: int, world: int, init_file: str, conn: Connection, sys_path: l
     dist.destroy_process_group()
 
 
+# torch warns at import when numpy is absent. The parent process has already shown that warning (it
+# imported torch), so the workers, which import torch before any code of theirs runs, leave it out.
+_WORKER_WARNINGS = "ignore:Failed to initialize NumPy:UserWarning"
+
+
+@contextlib.contextmanager
+def _worker_environment() -> Iterator[None]:
+    """The environment spawned workers start with: the parent's, with torch's numpy warning filtered."""
+    before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(w for w in (before, _WORKER_WARNINGS) if w)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = before
+
+
 class ProcessPool:
     """``world_size`` gloo worker processes that run functions on every rank."""
 
@@ -103,7 +122,8 @@ class ProcessPool:
         for rank in range(world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(rank, world_size, init_file, child, list(sys.path)), daemon=True)
-            proc.start()
+            with _worker_environment():
+                proc.start()
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
