@@ -23,10 +23,8 @@ import mosaic
 
 ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "docs" / "api"
-MODULES = ["mosaic", "mosaic.sharded", "mosaic.training", "mosaic.testing", "mosaic.cli"]
+MODULES = ["mosaic", "mosaic.sharded", "mosaic.training", "mosaic.testing", "mosaic.cli", "mosaic.kernels", "mosaic.sdk"]
 PACKAGES = ["mosaic_ring", "mosaic_mesh2d", "mosaic_compose", "mosaic_hier", "mosaic_magi"]
-# Public functions without a docstring in mosaic-core's internals (context.py, registry.py): the lead's part of #27.
-LEAD_DOCSTRINGS = {"mosaic.is_initialized", "mosaic.unregister_backend"}
 
 
 def resolve(path: str) -> Any:
@@ -96,12 +94,9 @@ def _undocumented() -> set[str]:
 
 
 def test_every_public_class_and_function_has_a_docstring() -> None:
-    assert not _undocumented() - LEAD_DOCSTRINGS, sorted(_undocumented() - LEAD_DOCSTRINGS)
+    assert not _undocumented(), sorted(_undocumented())
 
 
-@pytest.mark.xfail(reason="lead's part of #27: docstrings in context.py and registry.py", strict=False)
-def test_the_names_in_mosaic_cores_internals_have_docstrings() -> None:
-    assert not _undocumented() & LEAD_DOCSTRINGS, sorted(_undocumented() & LEAD_DOCSTRINGS)
 
 
 def test_shardeddim_documents_every_attribute() -> None:

@@ -1,8 +1,7 @@
 """What a new user of #27 tried whose fix lies in mosaic-core's internals, as README and docs describe it.
 
-Each test asks for the behaviour the issue wants. Those marked ``LEAD`` fail
-on the code they were written against and wait for the mosaic-core change
-(``strict=False``: when one starts to pass, remove its mark).
+Each test asks for the behaviour the issue wants; each failed on the code of
+aac2f66.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import torch
 import mosaic
 from mosaic.testing import run_distributed
 
-LEAD = pytest.mark.xfail(reason="lead's part of #27", strict=False)
 
 
 @pytest.fixture
@@ -27,7 +25,6 @@ def one_process():
     mosaic.shutdown()
 
 
-@LEAD
 def test_collective_timeout_takes_seconds() -> None:
     """README: ``mosaic.init(..., collective_timeout=60)``, in seconds or as a timedelta."""
     try:
@@ -47,13 +44,11 @@ def fewer_positions_than_ranks() -> tuple[tuple, int]:
     return shard.spans, shard.length
 
 
-@LEAD
 def test_sharded_dim_over_fewer_positions_than_ranks() -> None:
     """Empty shards are supported elsewhere (the conformance kit's 'fewer rows than ranks')."""
     assert run_distributed(fewer_positions_than_ranks, 2) == [(((0, 1),), 1), ((), 0)]
 
 
-@LEAD
 def test_multiaxisattention_called_like_nn_multiheadattention_names_the_right_call(one_process) -> None:
     attn = mosaic.MultiAxisAttention(16, 4, 1)
     x = torch.randn(2, 5, 16)
@@ -63,7 +58,6 @@ def test_multiaxisattention_called_like_nn_multiheadattention_names_the_right_ca
     assert "positional argument" not in message and "kv" in message, message
 
 
-@LEAD
 def test_mosaic_multiheadattention_with_two_inputs_names_the_right_call(one_process) -> None:
     attn = mosaic.MultiheadAttention(16, 4, batch_first=True)
     x = torch.randn(2, 5, 16)
@@ -73,13 +67,11 @@ def test_mosaic_multiheadattention_with_two_inputs_names_the_right_call(one_proc
     assert "positional argument" not in message and "value" in message, message
 
 
-@LEAD
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the listing without CUDA")
 def test_available_backends_leave_out_cuda_only_engines_without_cuda() -> None:
     assert not {"magi", "ring_flash_attn"} & set(mosaic.available_backends())
 
 
-@LEAD
 def test_python_dash_m_mosaic_prints_the_doctor_table() -> None:
     done = subprocess.run([sys.executable, "-m", "mosaic"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

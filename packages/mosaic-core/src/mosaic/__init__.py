@@ -12,7 +12,7 @@ from . import kernels, sharded
 from .attention import MultiAxisAttention
 from .auto import AutoBackend, explain
 from .backend import Backend, Capabilities, Plan
-from .calibrate import calibrate
+from .calibration import calibrate
 from .context import Context, get_context, init, is_initialized, shutdown
 from .cost import Cost, Machine, Pass
 from .declarations import ShardedDim

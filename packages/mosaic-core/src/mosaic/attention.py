@@ -42,6 +42,7 @@ def fold(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Size]:
 
 
 def unfold(y: torch.Tensor, batch_shape: torch.Size, dim: int) -> torch.Tensor:
+    """Inverse of :func:`fold`: ``(batch', seq, embed)`` back to the batch shape, the attention dim at ``dim``."""
     return y.reshape(*batch_shape, *y.shape[-2:]).movedim(-2, dim)
 
 
@@ -333,7 +334,9 @@ class MultiAxisAttention(nn.Module):
         """:func:`mosaic.attention` with this module's backend, options, layout and dropout.
 
         Args:
-            q, k, v: as :meth:`project` returns them (possibly transformed).
+            q: queries as :meth:`project` returns them (possibly transformed: RoPE, qk-norm, a scaled softmax).
+            k: keys, likewise (or a K/V cache).
+            v: values, likewise.
             kv_len: only the first ``kv_len`` positions (global index along the dim) are keys.
             causal: query ``i`` attends to keys ``j <= i`` (global positions).
             dim: the attention dim of the input (non-negative), for the sharding

@@ -69,11 +69,13 @@ class Context:
 
     Attributes:
         device: this process's device.
-        rank, world_size: in the world group.
+        rank: this process's rank in the world group.
+        world_size: ranks in the world group.
         groups: every process group of Mosaic's (``sp_group``, ``dp_group``, the grids).
         agreement: how the sp ranks agree (plans, steps, failures); ``world_agreement`` the world's.
         declarations: the sharded dims of the model's tensors (``shard``, ``sharded_dim``).
-        timeout, collective_timeout: the process group's and Mosaic's own collectives' timeouts.
+        timeout: the process group's timeout.
+        collective_timeout: Mosaic's own collectives' timeout (the agreement waits twice as long).
         checks: ``"per_step"`` or ``"every_call"`` (:func:`init`).
     """
 

@@ -139,6 +139,8 @@ class ShardedDim:
         layout: ``"contiguous"`` or ``"zigzag"``.
         group: the process group its reductions (:mod:`mosaic.sharded`) run over; ``None`` for a
             dim that is whole on this rank or a group of one.
+        length: local rows (a property).
+        offset: global position of the first local row (a property; 0 for a rank that holds none).
 
     Build it with ``ctx.sharded_dim(total, dim, layout)``, or :meth:`whole` for a dim that is not sharded.
     """

@@ -25,9 +25,17 @@ class MultiheadAttention(MultiAxisAttention):
     """A drop-in ``nn.MultiheadAttention`` whose sequence dim may be sharded over the sp group.
 
     Args:
-        embed_dim, num_heads, dropout, bias, batch_first, device, dtype: as for
-            ``nn.MultiheadAttention``. ``kdim``/``vdim`` other than ``embed_dim``,
-            ``add_bias_kv`` and ``add_zero_attn`` are not supported.
+        embed_dim: as for ``nn.MultiheadAttention``.
+        num_heads: as for ``nn.MultiheadAttention``.
+        dropout: as for ``nn.MultiheadAttention`` (``local`` only).
+        bias: as for ``nn.MultiheadAttention``.
+        add_bias_kv: not supported (``False`` only).
+        add_zero_attn: not supported (``False`` only).
+        kdim: ``None`` or ``embed_dim`` only.
+        vdim: ``None`` or ``embed_dim`` only.
+        batch_first: as for ``nn.MultiheadAttention``.
+        device: as for ``nn.MultiheadAttention``.
+        dtype: as for ``nn.MultiheadAttention``.
         backend: Mosaic strategy over the sequence dim (``"local"``: whole on this rank).
         **kwargs: other keyword arguments of :class:`MultiAxisAttention` (``num_kv_heads``,
             ``layout``, ``backend_options``, ``sharded``).

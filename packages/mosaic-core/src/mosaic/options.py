@@ -81,6 +81,7 @@ class NoOptions(Options):
 
 
 def check_positive_int(name: str, value: Any) -> None:
+    """A ``ValueError`` naming option ``name`` unless ``value`` is a positive int (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"option {name} must be a positive int, got {value!r}")
 

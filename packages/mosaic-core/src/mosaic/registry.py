@@ -74,6 +74,7 @@ def register_backend(name: str, backend: Backend | type[Backend], *, override: b
 
 
 def unregister_backend(name: str) -> None:
+    """Forget a backend :func:`register_backend` made available (entry points and built-ins stay)."""
     _registered.pop(name, None)
     _instances.pop(name, None)
 

@@ -58,7 +58,8 @@ def attention_forward(
 
     Args:
         q: ``(B, H, L, d)``.
-        k, v: ``(B, Hkv, S, d)`` with ``H % Hkv == 0``.
+        k: ``(B, Hkv, S, d)`` with ``H % Hkv == 0``.
+        v: values, shaped like ``k``.
         causal: top-left causal mask (query row ``i`` sees key rows ``<= i``).
         scale: softmax scale, default ``1/sqrt(d)``.
         kernel: the kernel to use: a name (checked: one that can't run the block raises, saying

@@ -33,6 +33,8 @@ def _cuda_reasons(device: torch.device, flag: str, min_capability: tuple[int, in
 
 
 class CudnnKernel(Kernel):
+    """PyTorch's cuDNN attention (sm90+): reads q, k, v through their strides, writes ``out`` in q's order."""
+
     name = "cudnn"
     strided_inputs = True  # any strides with 16-byte aligned rows (_aligned); out follows q's memory order
     dtypes = frozenset({torch.float16, torch.bfloat16})
@@ -89,6 +91,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 class FlashKernel(Kernel):
+    """PyTorch's flash attention operator (sm80+, head dims up to 256)."""
+
     name = "flash"
     dtypes = frozenset({torch.float16, torch.bfloat16})
     max_head_dim = 256
@@ -125,6 +129,8 @@ class FlashKernel(Kernel):
 
 
 class CpuFlashKernel(Kernel):
+    """PyTorch's flash attention operator for CPU tensors, every float dtype."""
+
     name = "cpu_flash"
     device_type = "cpu"
     dtypes = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})

@@ -68,6 +68,7 @@ __all__ = [
     "TinyKernel",
     "backward",
     "default_config",
+    "device_reasons",
     "forward",
     "reasons",
 ]
@@ -118,6 +119,24 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def device_reasons(device: torch.device) -> list[str]:
+    """Why the tiny kernel can't run anything on ``device`` (no CUDA GPU of sm80+, no Triton)."""
+    out = []
+    forced = os.environ.get("MOSAIC_KERNEL") == "tiny"
+    capability = cuda_capability(device)
+    if device.type == "cuda":
+        if capability is not None and capability < (8, 0):
+            out.append("needs compute capability >= (8, 0)")
+    elif not (device.type == "cpu" and interpreted() and forced):
+        out.append(
+            f"needs a cuda device, got {device.type} (CPU tensors run only through Triton's interpreter, "
+            "with TRITON_INTERPRET=1 and MOSAIC_KERNEL=tiny)"
+        )
+    if not triton_importable():
+        out.append("triton is not importable")
+    return out
+
+
 def reasons(spec: BlockSpec) -> list[str]:
     """Why the tiny kernel can't run the block ``spec``; empty when it can.
 
@@ -127,19 +146,8 @@ def reasons(spec: BlockSpec) -> list[str]:
     :data:`AUTO_MAX_LEN` and head dims above :data:`AUTO_MAX_HEAD_DIM` also
     run only when forced.
     """
-    out = []
+    out = device_reasons(spec.device)
     forced = os.environ.get("MOSAIC_KERNEL") == "tiny"
-    capability = cuda_capability(spec.device)
-    if spec.device.type == "cuda":
-        if capability is not None and capability < (8, 0):
-            out.append("needs compute capability >= (8, 0)")
-    elif not (spec.device.type == "cpu" and interpreted() and forced):
-        out.append(
-            f"needs a cuda device, got {spec.device.type} (CPU tensors run only through Triton's interpreter, "
-            "with TRITON_INTERPRET=1 and MOSAIC_KERNEL=tiny)"
-        )
-    if not triton_importable():
-        out.append("triton is not importable")
     if spec.dtype not in DTYPES:
         out.append(f"dtype {spec.dtype} not in {[str(d) for d in DTYPES]}")
     for what, n in (("query", spec.q_len), ("key", spec.k_len)):
@@ -165,6 +173,9 @@ class TinyKernel(Kernel):
     name = "tiny"
     strided_inputs = True
     device_type = ""  # CUDA, or CPU through Triton's interpreter when forced: reasons() decides
+
+    def unavailable(self, device: torch.device) -> list[str]:
+        return device_reasons(device)
 
     def reasons(self, spec: BlockSpec) -> list[str]:
         return reasons(spec)

@@ -1,0 +1,7 @@
+"""``python -m mosaic``: the doctor (:mod:`mosaic.doctor`)."""
+
+import sys
+
+from .doctor import main
+
+sys.exit(main())
