@@ -1,0 +1,122 @@
+"""The upstream functions and classes this package overrides, wraps or calls, with the signatures it expects.
+
+tabpfn and tabicl are imported and called, never copied; some of what is
+called is private (tabicl keeps its modules under ``tabicl._model``; tabpfn's
+encoder helpers start with ``_``). The versions are pinned (``mosaic-tabular[tabpfn]``,
+``[tabicl]``), and :func:`check_upstream` compares each name's parameters with
+what the adapters were written against, so that a change upstream is an error
+naming the function, not a wrong result. ``tests/test_upstream.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+__all__ = ["EXPECTED", "UpstreamChanged", "check_upstream", "signature_changes"]
+
+_V25 = "tabpfn.architectures.tabpfn_v2_5"
+_V26 = "tabpfn.architectures.tabpfn_v2_6"
+_TABPFN_ENCODER = {
+    "_prepare_targets": ["y", "num_train_rows", "batch_size"],
+    "_remove_constant_features": ["x_RiBC", "column_mask"],
+    "_pad_and_reshape_feature_groups": ["x_RiBC", "num_features_per_group"],
+    "_impute_nan_and_inf_with_mean": ["x", "num_train_rows", "scaler_cache"],
+    "_impute_target_nan_and_inf": ["y_RiB1", "task_type", "num_train_rows"],
+    "_normalize_feature_groups": ["x_RiBF", "num_features_per_group", "params"],
+    "_generate_nan_and_inf_indicator": ["x"],
+}
+_TABPFN_MODEL = {
+    "forward": ["self", "x", "y", "only_return_standard_out", "categorical_inds", "performance_options",
+                "task_type", "kv_cache", "return_kv_cache", "x_is_test_only"],
+    "_preprocess_and_embed_features": ["self", "x_RiBC", "num_train_labels", "batch_size", "scaler_cache",
+                                       "feature_state", "return_state"],
+    "_preprocess_and_embed_targets": ["self", "y", "num_train_rows", "num_train_labels", "batch_size"],
+    "_decode": ["self", "x_BRCD", "test_start", "train_start", "train_end", "only_return_standard_out"],
+}  # fmt: skip
+
+# package -> {"module:qualname": expected parameter names}
+EXPECTED: dict[str, dict[str, list[str]]] = {
+    "tabpfn": {
+        **{f"{m}:{name}": params for m in (_V25, _V26) for name, params in _TABPFN_ENCODER.items()},
+        **{f"{m}:{cls}.{name}": params for m, cls in ((_V25, "TabPFNV2p5"), (_V26, "TabPFNV2p6"))
+           for name, params in _TABPFN_MODEL.items()},
+        **{f"{m}:AlongColumnAttention.forward": ["self", "x_BcRE", "single_eval_pos", "cached_kv", "return_kv"]
+           for m in (_V25, _V26)},
+        **{f"{m}:AddThinkingRows.forward": ["self", "x_BRiCE", "single_eval_pos"] for m in (_V25, _V26)},
+        "tabpfn.preprocessing.torch.torch_standard_scaler:TorchStandardScaler.transform": ["self", "x",
+                                                                                          "fitted_cache"],
+        "tabpfn.architectures.shared.attention_backends:register_attention_backend": ["backends"],
+        "tabpfn.architectures.shared.scaled_dot_product_attention:scaled_dot_product_attention": [
+            "q_BSHD", "k_BSJD", "v_BSJD", "_backends_override", "quantized_kv", "backend"],
+        "tabpfn.classifier:TabPFNClassifier._initialize_model_variables": ["self"],
+        "tabpfn.regressor:TabPFNRegressor._initialize_model_variables": ["self"],
+        "tabpfn.model_loading:save_tabpfn_model": ["model", "save_path", "additional_fields"],
+    },
+    "tabicl": {
+        "tabicl._model.layers:MultiheadAttention.forward": ["self", "query", "key", "value", "cached_kv",
+                                                            "key_padding_mask", "attn_mask", "rope", "need_kv"],
+        "tabicl._model.layers:InducedSelfAttentionBlock.forward": ["self", "src", "train_size"],
+        "tabicl._model.layers:InducedSelfAttentionBlock.induced_attention": ["self", "src", "train_size"],
+        "tabicl._model.layers:InducedSelfAttentionBlock.forward_with_cache": [
+            "self", "src", "col_cache", "block_idx", "train_size", "use_cache", "store_cache"],
+        "tabicl._model.embedding:ColEmbedding._compute_embeddings": ["self", "features", "train_size", "y_train",
+                                                                     "embed_with_test"],
+        "tabicl._model.embedding:ColEmbedding.forward_with_cache": None,
+        "tabicl._model.learning:ICLearning._inference_forward": ["self", "R", "y_train", "return_logits",
+                                                                 "softmax_temperature", "mgr_config"],
+        "tabicl._model.learning:ICLearning._icl_predictions": ["self", "R", "y_train"],
+        "tabicl._model.inference:InferenceManager.estimate_safe_batch_size": ["self", "seq_len", "include_inputs",
+                                                                              "in_dim", "max_bs"],
+        "tabicl._model.tabicl:TabICL._inference_forward": ["self", "X", "y_train", "feature_shuffles",
+                                                           "embed_with_test", "return_logits",
+                                                           "softmax_temperature", "inference_config"],
+        "tabicl._model.tabicl:TabICL.forward_with_cache": None,
+        "tabicl._sklearn.classifier:TabICLClassifier._load_model": ["self"],
+    },
+}  # fmt: skip
+
+
+class UpstreamChanged(RuntimeError):
+    """tabpfn or tabicl changed something an adapter relies on (the names are in the message)."""
+
+
+def _resolve(path: str):
+    module, _, qualname = path.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def signature_changes(package: str) -> list[str]:
+    """Every expected name of ``package`` that is missing or whose parameters differ, as sentences."""
+    changes = []
+    for path, want in EXPECTED[package].items():
+        try:
+            obj = _resolve(path)
+        except (ImportError, AttributeError) as exc:
+            changes.append(f"{path} is gone ({exc})")
+            continue
+        if want is None:  # only its existence matters: the adapter replaces it with an error
+            continue
+        got = list(inspect.signature(obj).parameters)
+        if got != want:
+            changes.append(f"{path} takes ({', '.join(got)}), the adapter expects ({', '.join(want)})")
+    return changes
+
+
+def check_upstream(package: str) -> None:
+    """Raise :class:`UpstreamChanged` naming every function of ``package`` that no longer fits."""
+    changes = signature_changes(package)
+    if changes:
+        version = importlib.import_module(package).__version__ if package == "tabpfn" else _version(package)
+        raise UpstreamChanged(
+            f"{package} {version} differs from the version mosaic-tabular was written for: " + "; ".join(changes)
+        )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
