@@ -23,8 +23,11 @@ slowest rank and the largest peak. Prints a table and writes JSON (``--out``).
 On the GPU machine (no package index; wheels in ``.whl_tabular/``)::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/tab .whl_tabular/*.whl
-    export PYTHONPATH=/tmp/tab:$PWD/packages/mosaic-core/src:$PWD/packages/mosaic-ring/src:$PWD/packages/mosaic-tabular/src:$PYTHONPATH
-    python3 benchmarks/bench_tabular.py --out tabular.json
+    export PYTHONPATH=/tmp/tab:$PYTHONPATH
+    python3 -m pip install -q --no-deps --no-build-isolation \
+        -e packages/mosaic-core -e packages/mosaic-ring -e packages/mosaic-tabular
+    python3 benchmarks/bench_tabular.py --out tabular.json                                  # P = 1
+    torchrun --nproc_per_node=4 benchmarks/bench_tabular.py --out tabular_p4.json           # P = 4
 
 Tiny on CPU: ``python benchmarks/bench_tabular.py --device cpu --rows 2000 --features 20``.
 """
