@@ -54,10 +54,10 @@ def sharded(world: int) -> dict:
         model = shard_tabicl(build_random_tabicl(**SMALL)[0], backend, whole_table=True)
         with torch.no_grad():
             out[backend] = model(*table(), inference_config=fp32())
-    # The package's own model on rank 0's rows (training and test rows), the negative control.
+    # The package's own model on one rank's rows (training and test rows, not every training row), the negative control.
     rows = RowSplit.of(ROWS, TRAIN)
     x, y = table()
-    if rows.offset == 0:
+    if 0 < rows.local_train < min(rows.length, TRAIN):  # some training rows here, some elsewhere, test rows
         with torch.no_grad():
             model = build_random_tabicl(**SMALL)[0]
             out["local"] = model(rows.take(x, 1), rows.take_train(y, 1), inference_config=fp32())
@@ -71,9 +71,11 @@ def test_tabicl_with_sharded_rows_matches_unsharded(world: int) -> None:
     for rank, got in enumerate(run_distributed(sharded, world, world, timeout=300)):
         for backend in BACKENDS:
             assert_close(got[backend], want, f"P={world} {backend} rank {rank}")
-        if world == 2 and rank == 0:
+        if "local" in got:
             start, count = got["test_rows"]
-            assert max_difference(got["local"], want[:, start : start + count]) > 1e-2
+            mine = want[:, start : start + count]
+            # Its own rows' labels may miss a class (fewer outputs), or give other values.
+            assert got["local"].shape != mine.shape or max_difference(got["local"], mine) > 1e-2
 
 
 def refuse_training(world: int) -> str:
