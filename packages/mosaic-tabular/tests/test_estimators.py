@@ -61,18 +61,32 @@ def tabpfn_regressor(world: int | None, path: str) -> np.ndarray:
     return reg.fit(X, y).predict(X_test)
 
 
-def tabicl_classifier(world: int | None, path: str) -> np.ndarray:
+def tabicl_classifier(world: int | None, path: str, kv_cache: bool | str = False) -> np.ndarray:
     if world is None:
         from tabicl import TabICLClassifier
     else:
         mosaic.init(sp_size=world)
         from mosaic_tabular.tabicl import TabICLClassifier
     clf = TabICLClassifier(model_path=path, n_estimators=2, device="cpu", allow_auto_download=False,
-                           inference_config=FP32)  # fmt: skip
+                           inference_config=FP32, kv_cache=kv_cache)  # fmt: skip
     if world is not None:
         clf.set_params(backend="ring")
     X, y, X_test = classification()
     return clf.fit(X, y).predict_proba(X_test)
+
+
+def tabicl_regressor(world: int | None, path: str, kv_cache: bool | str = False) -> np.ndarray:
+    if world is None:
+        from tabicl import TabICLRegressor
+    else:
+        mosaic.init(sp_size=world)
+        from mosaic_tabular.tabicl import TabICLRegressor
+    reg = TabICLRegressor(model_path=path, n_estimators=2, device="cpu", allow_auto_download=False,
+                          inference_config=FP32, kv_cache=kv_cache)  # fmt: skip
+    X, y, X_test = regression()
+    # TabICL predicts standardised targets and scales them back: with a spread of 1, the tolerance (1e-5 of
+    # the predictions' largest value) is 1e-5 of the targets' spread.
+    return reg.fit(X, y / y.std()).predict(X_test)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +102,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         from mosaic_tabular.tabicl.checkpoint import make_random_checkpoint
 
         out["tabicl_classifier"] = str(make_random_checkpoint(d / "i.ckpt", **TABICL))
+        out["tabicl_regressor"] = str(
+            make_random_checkpoint(d / "ir.ckpt", **{**TABICL, "max_classes": 0, "num_quantiles": 19})
+        )
     return out
 
 
@@ -97,17 +114,26 @@ def _have(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-CASES = [("tabpfn_classifier", tabpfn_classifier, (1, 3)), ("tabpfn_regressor", tabpfn_regressor, (2,)),
-         ("tabicl_classifier", tabicl_classifier, (1, 3))]  # fmt: skip
+# (checkpoint, estimator, its extra arguments, the worlds it runs in)
+CASES = [
+    ("tabpfn_classifier", tabpfn_classifier, (), (1, 3)),
+    ("tabpfn_regressor", tabpfn_regressor, (), (2,)),
+    ("tabicl_classifier", tabicl_classifier, (), (1, 3)),
+    ("tabicl_classifier", tabicl_classifier, (True,), (2, 4)),
+    ("tabicl_classifier", tabicl_classifier, ("repr",), (3,)),
+    ("tabicl_regressor", tabicl_regressor, (), (2,)),
+    ("tabicl_regressor", tabicl_regressor, ("kv",), (3,)),
+]
+IDS = [f"{c[1].__name__}{''.join(f'-kv_cache={a}' for a in c[2])}" for c in CASES]
 
 
-@pytest.mark.parametrize(("name", "fn", "worlds"), CASES, ids=[c[0] for c in CASES])
-def test_sharded_estimator_predicts_as_the_packages(checkpoints: dict, name: str, fn, worlds) -> None:
+@pytest.mark.parametrize(("name", "fn", "args", "worlds"), CASES, ids=IDS)
+def test_sharded_estimator_predicts_as_the_packages(checkpoints: dict, name: str, fn, args, worlds) -> None:
     if name not in checkpoints:
         pytest.skip(f"needs {name.split('_')[0]} installed")
     path = checkpoints[name]
-    want = run_distributed(fn, 1, None, path, timeout=300)[0]
+    want = run_distributed(fn, 1, None, path, *args, timeout=300)[0]
     assert Path(path).exists()
     for world in worlds:
-        for rank, got in enumerate(run_distributed(fn, world, world, path, timeout=300)):
-            assert_close(got, want, f"{name} P={world} rank {rank}")
+        for rank, got in enumerate(run_distributed(fn, world, world, path, *args, timeout=300)):
+            assert_close(got, want, f"{fn.__name__}{args} P={world} rank {rank}")

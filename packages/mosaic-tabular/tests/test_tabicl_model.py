@@ -3,7 +3,8 @@
 23 rows, 10 of them training rows (at P = 4 rank 0 holds only training rows,
 ranks 2 and 3 only test rows). The column embedder's inducing points, target-aware
 embedding and skip decision (its class-token columns hold ``-100`` everywhere),
-the row interaction and the ICL transformer (QASSMax, TabICL's default) all run.
+the row interaction and the ICL transformer (QASSMax, TabICL's default) all run;
+the classifier's logits, and the regressor's quantiles and ``predict_stats``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from mosaic_tabular.tabicl.model import shard_tabicl
 ROWS, TRAIN, FEATURES, TABLES = 23, 10, 5, 2
 SMALL = dict(embed_dim=16, col_num_blocks=1, col_nhead=2, col_num_inds=8, row_num_blocks=1, row_nhead=2,
              row_num_cls=2, icl_num_blocks=2, icl_nhead=2, max_classes=4)  # fmt: skip
+REGRESSOR = {**SMALL, "max_classes": 0, "num_quantiles": 19}
+STATS = ["mean", "variance", "median", "quantiles"]
 BACKENDS = ("allgather", "ring")
 
 
@@ -42,18 +45,30 @@ def table() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def reference() -> torch.Tensor:
+def regression_table() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = table()
+    return x, y + 0.1 * x[:, :TRAIN, 0]  # targets with a spread
+
+
+def outputs(classifier, regressor) -> dict:
     with torch.no_grad():
-        return build_random_tabicl(**SMALL)[0](*table(), inference_config=fp32())
+        return {
+            "logits": classifier(*table(), inference_config=fp32()),
+            "quantiles": regressor(*regression_table(), inference_config=fp32()),
+            "stats": regressor.predict_stats(*regression_table(), output_type=STATS, inference_config=fp32()),
+        }
+
+
+def reference() -> dict:
+    return outputs(build_random_tabicl(**SMALL)[0], build_random_tabicl(**REGRESSOR)[0])
 
 
 def sharded(world: int) -> dict:
     mosaic.init(sp_size=world)
     out = {}
     for backend in BACKENDS:
-        model = shard_tabicl(build_random_tabicl(**SMALL)[0], backend, whole_table=True)
-        with torch.no_grad():
-            out[backend] = model(*table(), inference_config=fp32())
+        out[backend] = outputs(*(shard_tabicl(build_random_tabicl(**config)[0], backend, whole_table=True)
+                                 for config in (SMALL, REGRESSOR)))  # fmt: skip
     # The package's own model on one rank's rows (training and test rows, not every training row), the negative control.
     rows = RowSplit.of(ROWS, TRAIN)
     x, y = table()
@@ -70,10 +85,14 @@ def test_tabicl_with_sharded_rows_matches_unsharded(world: int) -> None:
     want = reference()
     for rank, got in enumerate(run_distributed(sharded, world, world, timeout=300)):
         for backend in BACKENDS:
-            assert_close(got[backend], want, f"P={world} {backend} rank {rank}")
+            for name in ("logits", "quantiles"):
+                assert_close(got[backend][name], want[name], f"P={world} {backend} {name} rank {rank}")
+            for stat in STATS:
+                what = f"P={world} {backend} {stat} rank {rank}"
+                assert_close(got[backend]["stats"][stat], want["stats"][stat], what)
         if "local" in got:
             start, count = got["test_rows"]
-            mine = want[:, start : start + count]
+            mine = want["logits"][:, start : start + count]
             # Its own rows' labels may miss a class (fewer outputs), or give other values.
             assert got["local"].shape != mine.shape or max_difference(got["local"], mine) > 1e-2
 
@@ -90,4 +109,4 @@ def refuse_training(world: int) -> str:
 
 def test_training_mode_raises_on_every_rank() -> None:
     errors = run_distributed(refuse_training, 2, 2, timeout=120)
-    assert len(set(errors)) == 1 and "inference forward only" in errors[0], errors
+    assert len(set(errors)) == 1 and "inference only" in errors[0], errors

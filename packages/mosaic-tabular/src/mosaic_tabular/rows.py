@@ -2,7 +2,7 @@
 
 Rows are sharded in order (train rows first, then test rows, as the packages
 lay them out), contiguously, the first ``N % P`` ranks holding one more
-(``ctx.sharded_dim``). This rank's training rows are then a prefix of its
+(``ctx.sharded_dim``'s layout; a rank may hold none). This rank's training rows are then a prefix of its
 rows, so the packages' ``x[:n_train]`` slicing works when given this rank's
 count, and the statistics the packages compute over rows are computed here
 over every rank's rows, with torch's results on the whole table.
@@ -33,8 +33,11 @@ class RowSplit:
         """The split of the current Mosaic context's sp group (``mosaic.init`` first)."""
         if not 0 <= train <= rows:
             raise ValueError(f"the training rows ({train}) must be between 0 and the rows ({rows})")
-        shard = mosaic.get_context().sharded_dim(rows)
-        return cls(rows, train, shard.offset, shard.length)
+        # ``ctx.sharded_dim``'s layout, also for fewer rows than ranks (which it refuses): a few test
+        # rows to predict from a cache leave some ranks without rows, and they still join every call.
+        ctx = mosaic.get_context()
+        lengths = mosaic.SeqLayout.even(rows, ctx.sp_size).lengths
+        return cls(rows, train, sum(lengths[: ctx.sp_rank]), lengths[ctx.sp_rank])
 
     @property
     def local_train(self) -> int:

@@ -60,19 +60,45 @@ EXPECTED: dict[str, dict[str, list[str]]] = {
         "tabicl._model.layers:InducedSelfAttentionBlock.induced_attention": ["self", "src", "train_size"],
         "tabicl._model.layers:InducedSelfAttentionBlock.forward_with_cache": [
             "self", "src", "col_cache", "block_idx", "train_size", "use_cache", "store_cache"],
+        "tabicl._model.layers:InducedSelfAttentionBlock.induced_attention_with_cache": [
+            "self", "src", "col_cache", "block_idx", "train_size", "use_cache", "store_cache"],
         "tabicl._model.embedding:ColEmbedding._compute_embeddings": ["self", "features", "train_size", "y_train",
                                                                      "embed_with_test"],
-        "tabicl._model.embedding:ColEmbedding.forward_with_cache": None,
+        "tabicl._model.embedding:ColEmbedding.forward_with_cache": ["self", "X", "col_cache", "y_train", "use_cache",
+                                                                    "store_cache", "mgr_config"],
+        "tabicl._model.embedding:ColEmbedding._compute_embeddings_with_cache": [
+            "self", "features", "col_cache", "train_size", "y_train", "use_cache", "store_cache"],
+        "tabicl._model.embedding:ColEmbedding.feature_grouping": ["self", "X"],
+        "tabicl._model.interaction:RowInteraction._aggregate_embeddings": ["self", "embeddings", "key_mask"],
         "tabicl._model.learning:ICLearning._inference_forward": ["self", "R", "y_train", "return_logits",
                                                                  "softmax_temperature", "mgr_config"],
         "tabicl._model.learning:ICLearning._icl_predictions": ["self", "R", "y_train"],
+        "tabicl._model.learning:ICLearning.forward_with_cache": [
+            "self", "R", "icl_cache", "y_train", "num_classes", "return_logits", "softmax_temperature", "use_cache",
+            "store_cache", "mgr_config"],
+        "tabicl._model.learning:ICLearning._icl_predictions_with_cache": ["self", "R", "icl_cache", "y_train",
+                                                                          "use_cache", "store_cache"],
+        "tabicl._model.learning:ICLearning.forward_with_repr_cache": [
+            "self", "R", "train_size", "num_classes", "return_logits", "softmax_temperature", "mgr_config"],
         "tabicl._model.inference:InferenceManager.estimate_safe_batch_size": ["self", "seq_len", "include_inputs",
                                                                               "in_dim", "max_bs"],
+        "tabicl._model.tabicl:TabICL.forward": ["self", "X", "y_train", "d", "embed_with_test", "feature_shuffles",
+                                                "return_logits", "softmax_temperature", "inference_config"],
         "tabicl._model.tabicl:TabICL._inference_forward": ["self", "X", "y_train", "feature_shuffles",
                                                            "embed_with_test", "return_logits",
                                                            "softmax_temperature", "inference_config"],
-        "tabicl._model.tabicl:TabICL.forward_with_cache": None,
+        "tabicl._model.tabicl:TabICL.forward_with_cache": [
+            "self", "X_train", "y_train", "X_test", "return_logits", "softmax_temperature", "use_cache",
+            "store_cache", "cache", "cache_mode", "inference_config"],
+        # Sharded through the two above, which they call.
+        "tabicl._model.tabicl:TabICL.predict_stats": ["self", "X", "y_train", "output_type", "alphas",
+                                                      "embed_with_test", "inference_config"],
+        "tabicl._model.tabicl:TabICL.predict_stats_with_cache": [
+            "self", "X_train", "y_train", "X_test", "output_type", "alphas", "use_cache", "store_cache", "cache",
+            "cache_mode", "inference_config"],
+        "tabicl._model.kv_cache:TabICLCache": ["col_cache", "row_repr", "icl_cache", "train_shape", "num_classes"],
         "tabicl._sklearn.classifier:TabICLClassifier._load_model": ["self"],
+        "tabicl._sklearn.regressor:TabICLRegressor._load_model": ["self"],
     },
 }  # fmt: skip
 

@@ -1,10 +1,12 @@
-"""tabicl's ``TabICLClassifier``, its model's rows sharded over the sp group.
+"""tabicl's ``TabICLClassifier`` and ``TabICLRegressor``, their model's rows sharded over the sp group.
 
-The package's estimator with one more parameter, ``backend`` (the Mosaic
-strategy over rows, ``"auto"`` by default). Its preprocessing and ensembling
+The package's estimators with one more parameter, ``backend`` (the Mosaic
+strategy over rows, ``"auto"`` by default). Their preprocessing and ensembling
 run on every rank on the whole table; the model's forward runs on this rank's
 rows, and the test rows' outputs are gathered, so ``predict``/``predict_proba``
-return the same on every rank.
+return the same on every rank. With ``kv_cache=True`` (or ``"kv"``/``"repr"``),
+``fit`` builds each rank's cache from its share of the training rows, and
+``predict`` sends each rank's share of the test rows through it.
 """
 
 from __future__ import annotations
@@ -14,15 +16,13 @@ import tabicl
 from ..estimators import ensure_context, with_backend_parameter
 from .model import shard_tabicl
 
-__all__ = ["TabICLClassifier"]
+__all__ = ["TabICLClassifier", "TabICLRegressor"]
 
 
 class _RowSharded:
     backend: str
 
     def _load_model(self) -> None:
-        if self.kv_cache:
-            raise NotImplementedError("mosaic-tabular 0.1 does not shard TabICL's K/V caches: use kv_cache=False")
         ctx = ensure_context()
         if self.device is None:
             self.device = str(ctx.device)  # this rank's device (the package would take cuda:0 on every rank)
@@ -33,3 +33,8 @@ class _RowSharded:
 @with_backend_parameter
 class TabICLClassifier(_RowSharded, tabicl.TabICLClassifier):
     """``tabicl.TabICLClassifier`` with its model's rows sharded over the sp group (``backend=`` the strategy)."""
+
+
+@with_backend_parameter
+class TabICLRegressor(_RowSharded, tabicl.TabICLRegressor):
+    """``tabicl.TabICLRegressor`` with its model's rows sharded over the sp group (``backend=`` the strategy)."""
