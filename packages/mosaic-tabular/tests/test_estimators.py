@@ -37,26 +37,28 @@ def regression():
     return X[:37], y[:37], X[37:]
 
 
-def tabpfn_classifier(world: int | None, path: str) -> np.ndarray:
+def tabpfn_classifier(world: int | None, path: str, fit_mode: str = "fit_preprocessors") -> np.ndarray:
     if world is None:
         from tabpfn import TabPFNClassifier
     else:
         mosaic.init(sp_size=world)
         from mosaic_tabular.tabpfn import TabPFNClassifier
-    clf = TabPFNClassifier(model_path=path, n_estimators=2, device="cpu", inference_precision=torch.float32)
+    clf = TabPFNClassifier(model_path=path, n_estimators=2, device="cpu", inference_precision=torch.float32,
+                           fit_mode=fit_mode)  # fmt: skip
     if world is not None:
         clf.set_params(backend="allgather")
     X, y, X_test = classification()
     return clf.fit(X, y).predict_proba(X_test)
 
 
-def tabpfn_regressor(world: int | None, path: str) -> np.ndarray:
+def tabpfn_regressor(world: int | None, path: str, fit_mode: str = "fit_preprocessors") -> np.ndarray:
     if world is None:
         from tabpfn import TabPFNRegressor
     else:
         mosaic.init(sp_size=world)
         from mosaic_tabular.tabpfn import TabPFNRegressor
-    reg = TabPFNRegressor(model_path=path, n_estimators=2, device="cpu", inference_precision=torch.float32)
+    reg = TabPFNRegressor(model_path=path, n_estimators=2, device="cpu", inference_precision=torch.float32,
+                          fit_mode=fit_mode)  # fmt: skip
     X, y, X_test = regression()
     return reg.fit(X, y).predict(X_test)
 
@@ -98,6 +100,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
         out["tabpfn_classifier"] = str(make_random_checkpoint(d / "c.ckpt", **TABPFN))
         out["tabpfn_regressor"] = str(make_random_checkpoint(d / "r.ckpt", task="regressor", **TABPFN))
+        out["tabpfn_v2_classifier"] = str(make_random_checkpoint(d / "c2.ckpt", "tabpfn_v2", **TABPFN))
     if _have("tabicl"):
         from mosaic_tabular.tabicl.checkpoint import make_random_checkpoint
 
@@ -118,13 +121,17 @@ def _have(name: str) -> bool:
 CASES = [
     ("tabpfn_classifier", tabpfn_classifier, (), (1, 3)),
     ("tabpfn_regressor", tabpfn_regressor, (), (2,)),
+    ("tabpfn_classifier", tabpfn_classifier, ("fit_with_cache",), (2, 4)),
+    ("tabpfn_regressor", tabpfn_regressor, ("fit_with_cache",), (3,)),
+    ("tabpfn_v2_classifier", tabpfn_classifier, (), (2,)),
+    ("tabpfn_v2_classifier", tabpfn_classifier, ("fit_with_cache",), (3,)),
     ("tabicl_classifier", tabicl_classifier, (), (1, 3)),
     ("tabicl_classifier", tabicl_classifier, (True,), (2, 4)),
     ("tabicl_classifier", tabicl_classifier, ("repr",), (3,)),
     ("tabicl_regressor", tabicl_regressor, (), (2,)),
     ("tabicl_regressor", tabicl_regressor, ("kv",), (3,)),
 ]
-IDS = [f"{c[1].__name__}{''.join(f'-kv_cache={a}' for a in c[2])}" for c in CASES]
+IDS = [f"{name}{''.join(f'-{a}' for a in args)}" for name, _, args, _ in CASES]
 
 
 @pytest.mark.parametrize(("name", "fn", "args", "worlds"), CASES, ids=IDS)

@@ -86,7 +86,7 @@ def constant_along_rows(x: torch.Tensor) -> torch.Tensor:
     nan = x.isnan()
     any_nan = mosaic.sharded.count(x, 0, mask=nan) > 0
     values = torch.where(nan, torch.zeros_like(x), x)
-    inf = torch.full_like(values[:1], float("inf"))
+    inf = values.new_full((1, *values.shape[1:]), float("inf"))
     low = mosaic.sharded.min(torch.cat([values, inf]), 0)
     high = mosaic.sharded.max(torch.cat([values, -inf]), 0)
     return ~any_nan & (low == high)

@@ -35,6 +35,24 @@ _TABPFN_MODEL = {
     "_decode": ["self", "x_BRCD", "test_start", "train_start", "train_end", "only_return_standard_out"],
 }  # fmt: skip
 
+_V2 = "tabpfn.architectures.tabpfn_v2"
+_TABPFN_V2 = {
+    "TabPFNV2.forward": _TABPFN_MODEL["forward"],
+    "TabPFNV2._embed_features": ["self", "x_RSF", "num_train_labels", "num_feature_groups", "batch_size",
+                                 "feature_cache"],
+    "TabPFNV2._embed_targets": ["self", "y", "num_rows", "num_train_labels", "batch_size"],
+    "TabPFNV2._embed_nan_target": ["self", "feature_means_B1", "unique_ys", "batch_size"],
+    "AlongColumnAttention.forward": ["self", "x_BcRE", "single_eval_pos", "cached_kv", "return_kv"],
+    "_prepare_targets": ["y", "num_rows", "batch_size"],
+    "_remove_constant_features": ["x_RSF", "non_constant_mask"],
+    "_generate_nan_and_inf_indicator": ["x"],
+    "_impute_nan_and_inf_with_mean": ["x", "num_train_rows", "feature_means"],
+    "_flatten_multiclass_targets": ["y_RB1", "unique_ys"],
+    # Computed over every rank's rows in their place (mosaic_tabular.tabpfn.encoders).
+    "_constant_feature_mask": ["x_RSF"],
+    "_fit_feature_group_scaling": ["x_RSF"],
+}  # fmt: skip
+
 # package -> {"module:qualname": expected parameter names}
 EXPECTED: dict[str, dict[str, list[str]]] = {
     "tabpfn": {
@@ -44,8 +62,13 @@ EXPECTED: dict[str, dict[str, list[str]]] = {
         **{f"{m}:AlongColumnAttention.forward": ["self", "x_BcRE", "single_eval_pos", "cached_kv", "return_kv"]
            for m in (_V25, _V26)},
         **{f"{m}:AddThinkingRows.forward": ["self", "x_BRiCE", "single_eval_pos"] for m in (_V25, _V26)},
+        **{f"{_V2}:{name}": params for name, params in _TABPFN_V2.items()},
         "tabpfn.preprocessing.torch.torch_standard_scaler:TorchStandardScaler.transform": ["self", "x",
                                                                                           "fitted_cache"],
+        "tabpfn.preprocessing.torch.torch_standard_scaler:TorchStandardScaler.fit": ["self", "x"],
+        "tabpfn.architectures.interface:PerformanceOptions": [
+            "save_peak_memory_factor", "force_recompute_layer", "use_chunkwise_inference", "enable_torch_compile",
+            "kv_cache_dtype", "kv_cache_follows_attention_grid"],
         "tabpfn.architectures.shared.attention_backends:register_attention_backend": ["backends"],
         "tabpfn.architectures.shared.scaled_dot_product_attention:scaled_dot_product_attention": [
             "q_BSHD", "k_BSJD", "v_BSJD", "_backends_override", "quantized_kv", "backend"],

@@ -15,6 +15,12 @@ its two calls — training rows with every kv head, test rows with kv head 0
 that holds no test rows (the package then makes one call) or no training rows
 (where the package's ``view(..., -1, head_dim)`` of no rows fails): every
 rank must join every sharded call.
+
+The attention between the features of a row (``AlongRowAttention``) is local
+and stays the package's, except on a rank without rows (fewer rows than
+ranks: a cache built from few training rows, a few test rows to predict),
+where its reshape of an empty batch fails: :class:`RowsLocalFeatureAttentionV2p6`
+and its twins return no rows there.
 """
 
 from __future__ import annotations
@@ -24,14 +30,23 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 
 import torch
-from tabpfn.architectures import tabpfn_v2_5, tabpfn_v2_6
+from tabpfn.architectures import tabpfn_v2, tabpfn_v2_5, tabpfn_v2_6
 from tabpfn.architectures.kv_cache import KVCacheEntry
 from tabpfn.architectures.shared.attention_backends import AttentionSpec, register_attention_backend
 from tabpfn.architectures.shared.scaled_dot_product_attention import scaled_dot_product_attention
 
 from ..attention import row_attention
 
-__all__ = ["ROW_ATTENTION", "MosaicRowAttention", "RowShardedColumnAttentionV2p5", "RowShardedColumnAttentionV2p6"]
+__all__ = [
+    "ROW_ATTENTION",
+    "MosaicRowAttention",
+    "RowShardedColumnAttentionV2",
+    "RowShardedColumnAttentionV2p5",
+    "RowShardedColumnAttentionV2p6",
+    "RowsLocalFeatureAttentionV2",
+    "RowsLocalFeatureAttentionV2p5",
+    "RowsLocalFeatureAttentionV2p6",
+]
 
 _BACKEND: ContextVar[str | None] = ContextVar("mosaic_tabular_row_attention", default=None)
 
@@ -100,9 +115,35 @@ class _RowShardedColumnAttention:
         return self.out_projection(out.reshape(bc, r, self.head_dim * self.num_heads)), kv_entry
 
 
+class RowShardedColumnAttentionV2(_RowShardedColumnAttention, tabpfn_v2.AlongColumnAttention):
+    pass
+
+
 class RowShardedColumnAttentionV2p5(_RowShardedColumnAttention, tabpfn_v2_5.AlongColumnAttention):
     pass
 
 
 class RowShardedColumnAttentionV2p6(_RowShardedColumnAttention, tabpfn_v2_6.AlongColumnAttention):
+    pass
+
+
+class _RowsLocalFeatureAttention:
+    """``AlongRowAttention.forward`` (rows folded into the batch) that also takes no rows."""
+
+    def forward(self, x_BrSE: torch.Tensor) -> torch.Tensor:
+        if x_BrSE.shape[0] > 0:
+            return super().forward(x_BrSE)
+        # The package's view(Br, C, -1, head_dim) of an empty batch has no shape: attend one row of zeros, keep none.
+        return super().forward(x_BrSE.new_zeros(1, *x_BrSE.shape[1:]))[:0]
+
+
+class RowsLocalFeatureAttentionV2(_RowsLocalFeatureAttention, tabpfn_v2.AlongRowAttention):
+    pass
+
+
+class RowsLocalFeatureAttentionV2p5(_RowsLocalFeatureAttention, tabpfn_v2_5.AlongRowAttention):
+    pass
+
+
+class RowsLocalFeatureAttentionV2p6(_RowsLocalFeatureAttention, tabpfn_v2_6.AlongRowAttention):
     pass

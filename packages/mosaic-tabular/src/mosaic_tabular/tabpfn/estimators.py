@@ -26,10 +26,6 @@ class _RowSharded:
     backend: str
 
     def _initialize_model_variables(self) -> int:
-        if self.fit_mode == "fit_with_cache":
-            raise NotImplementedError(
-                "mosaic-tabular 0.1 does not shard TabPFN's K/V cache: use fit_mode='fit_preprocessors' or 'low_memory'"
-            )
         ctx = ensure_context()
         if self.device == "auto":
             self.device = str(ctx.device)  # this rank's device (the package would take cuda:0 on every rank)
