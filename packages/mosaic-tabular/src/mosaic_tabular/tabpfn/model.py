@@ -56,15 +56,27 @@ __all__ = [
     "shard_tabpfn",
 ]
 
+# Their attention goes through tabpfn's registry, but what surrounds it computes over rows where a
+# registry backend cannot reach (docs/tabular.md, "Not covered", lists each place).
 _V3_REASON = (
-    "its attention between rows goes through modules whose row statistics this version does not shard: the "
-    "FeatureDistributionEmbedder (per-column statistics of the training rows), the InducedSelfAttentionBlock "
-    "(inducing points over the training rows), ICLAttention (a softmax scaled by the key count) and the {decoder}; "
-    "see docs/tabular.md"
+    "its row attention goes through tabpfn's registry, but the query scaling by the key count "
+    "(SoftmaxScalingMLP, applied before the dispatcher: the InducedSelfAttentionBlock's inducing points, "
+    "ICLAttention, {decoder}) would count this rank's keys, ICLAttention makes its test-row call only on a rank "
+    "with test rows, the decoder skips its attention on a rank without test rows, {labels}, _stages_0_to_2 "
+    "chooses its row chunks from this rank's row count{extra}, and int8/fp8 K/V caches are quantized with this "
+    "rank's scale; see docs/tabular.md"
 )
 NOT_COVERED: dict[type, str] = {
-    tabpfn_v3.TabPFNV3: _V3_REASON.format(decoder="ManyClassDecoder"),
-    tabpfn_v3_5.TabPFNV3p5: _V3_REASON.format(decoder="MultiTaskHeads"),
+    tabpfn_v3.TabPFNV3: _V3_REASON.format(
+        decoder="the ManyClassDecoder",
+        labels="forward sizes the classes by int(y.max()) of this rank's labels (none without training rows)",
+        extra="",
+    ),
+    tabpfn_v3_5.TabPFNV3p5: _V3_REASON.format(
+        decoder="the ManyClassDecoder of its MultiTaskHeads",
+        labels="forward counts the classes (num_present_classes) from this rank's labels",
+        extra=", its in-context ECDF sorts every training value of each column (_build_ecdf_context)",
+    ),
 }
 
 
