@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="Mosaic's strategy over rows")
     parser.add_argument("--n-estimators", type=int, default=2)
     parser.add_argument("--batches", type=int, default=4, help="test rows predicted in this many batches")
+    parser.add_argument("--kv-cache", default="none", choices=["none", "kv", "repr"],
+                        help="build TabICL's cache in fit and predict from it")  # fmt: skip
     args = parser.parse_args()
 
     ctx = mosaic.init(sp_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -43,7 +45,8 @@ def main() -> None:
         # The same seed on every rank: every rank writes the same weights to its own file.
         path = args.model_path or str(make_random_checkpoint(Path(tmp) / f"random_tabicl_{ctx.rank}.ckpt", seed=0))
         clf = TabICLClassifier(model_path=path, n_estimators=args.n_estimators, backend=args.backend,
-                               allow_auto_download=False)  # fmt: skip
+                               allow_auto_download=False,
+                               kv_cache=False if args.kv_cache == "none" else args.kv_cache)  # fmt: skip
         clf.fit(X_train, y_train)
         predictions = [clf.predict(X_test[idx])
                        for idx in tqdm(np.array_split(np.arange(len(X_test)), args.batches),

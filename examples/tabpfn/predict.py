@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4000, help="rows of the table (half train, half test)")
     parser.add_argument("--features", type=int, default=20)
     parser.add_argument("--model-path", default=None, help="a TabPFN checkpoint (default: random weights)")
-    parser.add_argument("--architecture", default="tabpfn_v2_6", choices=["tabpfn_v2_5", "tabpfn_v2_6"])
+    parser.add_argument("--architecture", default="tabpfn_v2_6", choices=["tabpfn_v2", "tabpfn_v2_5", "tabpfn_v2_6"])
+    parser.add_argument("--fit-mode", default="fit_preprocessors",
+                        choices=["fit_preprocessors", "low_memory", "fit_with_cache"])  # fmt: skip
     parser.add_argument("--backend", default="auto", help="Mosaic's strategy over rows")
     parser.add_argument("--n-estimators", type=int, default=2)
     parser.add_argument("--batches", type=int, default=4, help="test rows predicted in this many batches")
@@ -44,6 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model_path or _random_checkpoint(ctx, Path(tmp), args.architecture)
         clf = TabPFNClassifier(model_path=path, n_estimators=args.n_estimators, backend=args.backend,
+                               fit_mode=args.fit_mode,
                                inference_precision=torch.float32 if ctx.device.type == "cpu" else "auto")  # fmt: skip
         clf.fit(X_train, y_train)
         batches = torch.tensor_split(torch.arange(len(X_test)), args.batches)

@@ -6,8 +6,11 @@ and post-processing stay the package's: every rank runs them on the whole
 table (on CPU, deterministic for a fixed ``random_state``); only the model's
 forward is sharded, each rank computing its share of the rows and the test
 rows' outputs gathered, so ``predict``/``predict_proba`` return the same on
-every rank. Run it under ``torchrun`` (``mosaic.init`` is called for you over
-the whole launch when you have not), or in one process.
+every rank. With ``fit_mode="fit_with_cache"``, ``fit`` builds each rank's
+K/V cache from its share of the training rows and ``predict`` sends each
+rank's share of the test rows through it. Run it under ``torchrun``
+(``mosaic.init`` is called for you over the whole launch when you have not),
+or in one process.
 """
 
 from __future__ import annotations
