@@ -17,7 +17,7 @@ from mosaic_tabular.upstream import EXPECTED, UpstreamChanged, check_upstream, s
 ROWS, TRAIN = 11, 4
 
 
-def table() -> torch.Tensor:
+def table(rows: int = ROWS) -> torch.Tensor:
     x = torch.randn(ROWS, 3, 5, generator=torch.Generator().manual_seed(0))
     x[:, 0, 0] = 2.5  # constant
     x[7, 1, 1] = float("nan")  # NaN in a test row: not constant, not in the train mean
@@ -25,29 +25,30 @@ def table() -> torch.Tensor:
     x[1, 0, 3] = float("inf")  # inf in a train row: left out of the mean
     x[:, 1, 4] = 1.0
     x[9, 1, 4] = -1.0  # constant on the first ranks' rows only
-    return x
+    return x[:rows]
 
 
-def statistics(world: int) -> dict:
+def statistics(world: int, rows: int) -> dict:
     mosaic.init(sp_size=world)
-    rows = RowSplit.of(ROWS, TRAIN)
-    x = rows.take(table(), 0)
-    return {"constant": constant_along_rows(x), "mean": finite_mean(x, rows.local_train),
-            "split": (rows.offset, rows.length, rows.local_train)}  # fmt: skip
+    split = RowSplit.of(rows, min(TRAIN, rows))
+    x = split.take(table(rows), 0)
+    return {"constant": constant_along_rows(x), "mean": finite_mean(x, split.local_train),
+            "split": (split.offset, split.length, split.local_train)}  # fmt: skip
 
 
-@pytest.mark.parametrize("world", (1, 3))
-def test_statistics_over_every_ranks_rows(world: int) -> None:
-    x = table()
+# 2 rows over 3 ranks: the last holds none, and still joins every reduction.
+@pytest.mark.parametrize(("world", "rows"), [(1, ROWS), (3, ROWS), (3, 2)])
+def test_statistics_over_every_ranks_rows(world: int, rows: int) -> None:
+    x = table(rows)
     want_constant = (x[1:] == x[0]).all(0)
     train = x[:TRAIN]
     finite = train.isfinite()
     want_mean = torch.where(finite, train, 0).sum(0) / finite.sum(0).clamp(min=1)
-    results = run_distributed(statistics, world, world, timeout=120)
+    results = run_distributed(statistics, world, world, rows, timeout=120)
     for rank, got in enumerate(results):
         assert torch.equal(got["constant"], want_constant), f"P={world} rank {rank}"
         assert_close(got["mean"], want_mean, f"P={world} rank {rank} mean")
-    assert sum(r["split"][1] for r in results) == ROWS
+    assert [r["split"][1] for r in results] == [len(part) for part in torch.tensor_split(x, world)]
 
 
 def raise_on_one_rank(world: int) -> str:
