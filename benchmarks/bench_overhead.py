@@ -2,10 +2,14 @@
 
 On a shape this small the attention itself takes microseconds, so the time is
 Mosaic's own work: agreeing on the facts, planning (or finding the cached
-plan), the collectives' launch. Runs under torchrun on CPU (gloo) or GPUs;
-prints a table and writes JSON.
+plan), the collectives' launch. One step is ``--layers`` sharded layers'
+forwards and one backward; the figures are per call (a step's time over its
+layers). Runs under torchrun on CPU (gloo) or GPUs, on this code or an older
+checkout (the same script: it counts the host collectives of either); prints a
+table and writes JSON.
 
     torchrun --nproc_per_node=2 benchmarks/bench_overhead.py --out overhead.json
+    torchrun --nproc_per_node=2 benchmarks/bench_overhead.py --checks every_call --out debug.json
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import torch.distributed as dist
 import mosaic
 
 
-def _guarded_calls(ctx) -> int | None:
-    """Host collectives Mosaic has made on this rank (the guard's count; None before the guard existed)."""
-    guard = getattr(ctx, "guard", None)
+def _host_collectives(ctx) -> int | None:
+    """Host collectives Mosaic has made on this rank (agreements; the guard's count before them)."""
+    if hasattr(ctx, "agreement"):
+        return ctx.agreement.rounds + ctx.world_agreement.rounds
+    guard = getattr(ctx, "guard", None)  # the code before agreement (aac2f66 and older)
     return None if guard is None else guard.calls + ctx.world_guard.calls
 
 
@@ -34,31 +40,37 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--shape", type=int, nargs="+", default=[1, 16, 2, 16], help="(batch, rows, features, embed)")
-    parser.add_argument("--checks", default="every_call", help="mosaic.init(checks=...): every_call or on_change")
+    parser.add_argument("--checks", default="default", help="mosaic.init(checks=...); default: the code's default")
+    parser.add_argument("--layers", type=int, default=1, help="sharded layers per step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ctx = mosaic.init(sp_size=world) if args.checks == "every_call" else mosaic.init(sp_size=world, checks=args.checks)
+    ctx = mosaic.init(sp_size=world) if args.checks == "default" else mosaic.init(sp_size=world, checks=args.checks)
     torch.set_num_threads(1)
     rows = []
     for name in args.backends:
-        module = mosaic.MultiAxisAttention(args.shape[-1], 4, 1, backend=name).to(ctx.device)
+        layers = [
+            mosaic.MultiAxisAttention(args.shape[-1], 4, 1, backend=name).to(ctx.device) for _ in range(args.layers)
+        ]
         x = ctx.shard(torch.randn(args.shape, device=ctx.device), 1).contiguous().requires_grad_()
         times, collectives = [], []
         for i in range(args.warmup + args.calls):
-            before = _guarded_calls(ctx)
+            before = _host_collectives(ctx)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
             dist.barrier()
             start = time.perf_counter()
-            module(x).sum().backward()
+            y = x
+            for layer in layers:
+                y = layer(y)
+            y.sum().backward()
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
+            elapsed = (time.perf_counter() - start) / args.layers
             if i >= args.warmup:
                 times.append(elapsed)
-                after = _guarded_calls(ctx)
-                collectives.append(None if before is None else after - before)
+                after = _host_collectives(ctx)
+                collectives.append(None if before is None else (after - before) / args.layers)
         row = {
             "backend": name,
             "median_us": statistics.median(times) * 1e6,
@@ -67,7 +79,8 @@ def main() -> None:
         }
         rows.append(row)
     if ctx.rank == 0:
-        print(f"checks={args.checks}, shape {args.shape}, world {ctx.world_size}, {ctx.device}")
+        print(f"checks={args.checks}, shape {args.shape}, {args.layers} layer(s) per step, world {ctx.world_size}, "
+              f"{ctx.device}")  # fmt: skip
         print(f"torch {torch.__version__}")
         print(f"{'backend':<12}{'median µs':>12}{'mean µs':>12}{'host collectives / call':>26}")
         for r in rows:
@@ -81,6 +94,7 @@ def main() -> None:
             "torch": torch.__version__,
             "mosaic": getattr(mosaic, "__version__", "?"),
             "checks": args.checks,
+            "layers": args.layers,
             "rows": rows,
         }
         if args.out:

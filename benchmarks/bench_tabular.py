@@ -8,13 +8,15 @@ TabPFN-v2.6 configuration; TabICL's default ``TabICL()``), ``torch.no_grad``:
 - ``tabpfn/memory_saving``: the same with ``PerformanceOptions(save_peak_memory_factor=8)``
   (what the estimators' ``memory_saving_mode`` sets);
 - ``tabpfn/mosaic``: the model after ``mosaic_tabular.tabpfn.shard_tabpfn`` on this rank's rows;
+- ``tabpfn/mosaic_memory_saving``: the same with the package's ``memory_saving`` options;
 - ``tabicl/own``: ``TabICL()``'s forward with its default inference manager (AMP, offload "auto");
 - ``tabicl/offload``: the same with its outputs offloaded to CPU (``offload="cpu"`` in every manager);
-- ``tabicl/mosaic``: the model after ``mosaic_tabular.tabicl.shard_tabicl``, on this rank's rows.
+- ``tabicl/mosaic``: the model after ``mosaic_tabular.tabicl.shard_tabicl``, on this rank's rows;
+- ``tabicl/mosaic_offload``: the same with the package's CPU offloading.
 
-Each case: one warm-up, then the median of ``--repeats`` timed runs (CUDA
-synchronised), peak memory ``torch.cuda.max_memory_allocated`` (reset per
-case). A case stops at its first out-of-memory (larger row counts are not
+Each case: one warm-up (``--warmup first``: only before its first row count),
+then the median of ``--repeats`` timed runs (CUDA synchronised), peak memory
+``torch.cuda.max_memory_allocated`` (reset per case). A case stops at its first out-of-memory (larger row counts are not
 tried) and at ``--case-limit`` seconds: an alarm interrupts a run past it, and a
 row count whose time predicted from the last (quadratic) exceeds it is skipped.
 Under torchrun the own paths run only at P = 1; the mosaic rows report the
@@ -46,7 +48,10 @@ import torch
 
 import mosaic
 
-CASES = ("tabpfn/own", "tabpfn/memory_saving", "tabpfn/mosaic", "tabicl/own", "tabicl/offload", "tabicl/mosaic")
+CASES = (
+    "tabpfn/own", "tabpfn/memory_saving", "tabpfn/mosaic", "tabpfn/mosaic_memory_saving",
+    "tabicl/own", "tabicl/offload", "tabicl/mosaic", "tabicl/mosaic_offload",
+)  # fmt: skip
 
 
 class CaseTimeout(Exception):
@@ -74,19 +79,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(fn: Callable[[], object], device: torch.device, repeats: int, limit: float) -> dict:
-    """One warm-up and ``repeats`` timed calls of ``fn`` within ``limit`` seconds; seconds and peak GiB."""
+def run_case(fn: Callable[[], object], device: torch.device, repeats: int, limit: float, warm_up: bool = True) -> dict:
+    """A warm-up (unless ``warm_up`` is False) and ``repeats`` timed calls of ``fn`` within ``limit`` seconds;
+    seconds and peak GiB."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
     with time_limit(limit):
-        for i in range(repeats + 1):
+        for i in range(repeats + int(warm_up)):
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
-            if i:
+            if i or not warm_up:
                 times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"seconds": statistics.median(times), "peak_gib": peak}
@@ -108,8 +114,8 @@ def tabpfn_case(name: str, args, ctx, rows: int) -> Callable[[], object]:
     model, _ = build_random_tabpfn("tabpfn_v2_6")
     model = model.to(ctx.device)
     x, y = table(rows, args.features, ctx.device)
-    options = PerformanceOptions(save_peak_memory_factor=8 if name == "tabpfn/memory_saving" else None)
-    if name == "tabpfn/mosaic":
+    options = PerformanceOptions(save_peak_memory_factor=8 if name.endswith("memory_saving") else None)
+    if name.startswith("tabpfn/mosaic"):
         shard_tabpfn(model, args.backend)
         split = RowSplit.of(rows, y.shape[0])
         x, y = split.take(x, 0), split.take_train(y, 0)
@@ -131,11 +137,11 @@ def tabicl_case(name: str, args, ctx, rows: int) -> Callable[[], object]:
     model, _ = build_random_tabicl()
     model = model.to(ctx.device)
     x, y = table(rows, args.features, ctx.device)
-    if name == "tabicl/offload":
+    if name.endswith("offload"):
         config = InferenceConfig(**{k: {"offload": "cpu"} for k in ("COL_CONFIG", "ROW_CONFIG", "ICL_CONFIG")})
     else:
         config = InferenceConfig()
-    if name == "tabicl/mosaic":
+    if name.startswith("tabicl/mosaic"):
         shard_tabicl(model, args.backend)
         split = RowSplit.of(rows, y.shape[0])
         x, y = split.take(x, 0), split.take_train(y, 0)
@@ -166,25 +172,32 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--case-limit", type=float, default=240.0, help="seconds one case may take")
+    parser.add_argument(
+        "--warmup",
+        choices=("each", "first"),
+        default="each",
+        help="warm up before every row count, or only before a case's first (its kernels compiled)",
+    )
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
 
     ctx = mosaic.init(device=args.device)
-    cases = [c for c in args.cases if c.endswith("/mosaic") or ctx.sp_size == 1]
+    cases = [c for c in args.cases if "/mosaic" in c or ctx.sp_size == 1]
     results, stopped, last = [], set(), {}
     for rows in sorted(args.rows):
         for name in cases:
             record = {"case": name, "rows": rows, "features": args.features, "sp_size": ctx.sp_size}
             prev = last.get(name)
+            warm = int(args.warmup == "each" or prev is None)
             if name in stopped:
                 record["skipped"] = "out of memory or over the limit at fewer rows"
-            elif prev and prev[1] * (rows / prev[0]) ** 2 * (args.repeats + 1) > args.case_limit:
+            elif prev and prev[1] * (rows / prev[0]) ** 2 * (args.repeats + warm) > args.case_limit:
                 record["skipped"] = f"predicted over {args.case_limit:.0f} s"
             else:
                 try:
                     build = tabpfn_case if name.startswith("tabpfn") else tabicl_case
                     result = gathered(ctx, run_case(build(name, args, ctx, rows), ctx.device, args.repeats,
-                                                    args.case_limit))  # fmt: skip
+                                                    args.case_limit, bool(warm)))  # fmt: skip
                     record.update(result)
                     last[name] = (rows, result["seconds"])
                 except torch.OutOfMemoryError:

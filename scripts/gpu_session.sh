@@ -9,6 +9,10 @@
 #   scripts/gpu_session.sh one_gpu_cudnn     # one GPU: every strategy at P = 2 and 4 (staged gloo), cuDNN blocks
 #   scripts/gpu_session.sh fa4_kernels       # one GPU, flash-attn-4 installed: kernel tests, FA4 vs cuDNN errors, timings
 #   scripts/gpu_session.sh fa4_model         # one GPU, flash-attn-4 installed: nanoTabPFN step and inference, FA4 vs cuDNN
+#   scripts/gpu_session.sh tabular_models    # one GPU, .whl_tabular/ carried: TabPFN and TabICL, own paths vs Mosaic
+#   scripts/gpu_session.sh wave_final        # one GPU: one_gpu_cudnn (shorter limits), then tabular_models
+#   scripts/gpu_session.sh hier_kernels      # one GPU: hierarchical at P = 4 under each block kernel (cuDNN's gradients)
+#   scripts/gpu_session.sh tabular_next      # one GPU, .whl_tabular/ carried: TabICL offload under Mosaic, largest rows
 # Logs and JSON go to $OUT. Expects the wheels of ../shared/wheels copied to .whl/ (ring-flash-attn, flash-attn,
 # MagiAttention with its JIT cache); every step has a time limit so one slow step cannot eat the call.
 set -u
@@ -118,6 +122,35 @@ one_gpu_cudnn() {  # every strategy at P = 2 and 4 on one GPU (gloo, CUDA staged
     step "one_gpu_P${world}_cudnn" 200 env MOSAIC_KERNEL=cudnn torchrun --nproc_per_node=$world \
       tests/gpu/check_backends.py --one-gpu --out "$OUT"
   done
+}
+
+tabular_models() {  # TabPFN v2.6 and TabICL forward, the packages' own paths and Mosaic's, 50k to 300k rows
+  python3 -m pip install -q --no-index --no-deps --target /tmp/tab .whl_tabular/*.whl
+  step tabular 330 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --rows 50000 100000 300000 --repeats 1 --warmup first --case-limit 120 --out "$OUT/tabular.json"
+}
+
+hier_kernels() {  # hierarchical at P = 4 on one GPU under each block kernel: which one a mixed level's gradients need
+  for kernel in cudnn flash math; do
+    step "one_gpu_P4_hier_$kernel" 60 env MOSAIC_KERNEL=$kernel torchrun --nproc_per_node=4 tests/gpu/check_backends.py \
+      --one-gpu --backends hierarchical --cases causal self --out "$OUT"
+  done
+}
+
+tabular_next() {  # what #26 still lacks: TabICL offloading under Mosaic beside its own, and the largest rows each path runs
+  python3 -m pip install -q --no-index --no-deps --target /tmp/tab .whl_tabular/*.whl
+  step tabular_offload 150 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --rows 300000 --cases tabicl/offload tabicl/mosaic_offload --repeats 1 --case-limit 100 --out "$OUT/tabular_offload.json"
+  step tabular_largest 420 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --rows 400000 500000 700000 1000000 --repeats 1 --warmup first --case-limit 150 --out "$OUT/tabular_largest.json"
+}
+
+wave_final() {  # about 8 minutes: every strategy at P = 2 and 4 on one GPU with cuDNN blocks, then the tabular models
+  step one_gpu_P2_cudnn 100 env MOSAIC_KERNEL=cudnn torchrun --nproc_per_node=2 tests/gpu/check_backends.py \
+    --one-gpu --out "$OUT"
+  step one_gpu_P4_cudnn 150 env MOSAIC_KERNEL=cudnn torchrun --nproc_per_node=4 tests/gpu/check_backends.py \
+    --one-gpu --out "$OUT"
+  tabular_models
 }
 
 fa4_kernels() {  # about 9 minutes: kernel tests (fa4 included), correctness against cuDNN's error, kernel timings

@@ -17,14 +17,32 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import mosaic
 
 ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "docs" / "api"
-MODULES = ["mosaic", "mosaic.sharded", "mosaic.training", "mosaic.testing", "mosaic.cli", "mosaic.kernels", "mosaic.sdk"]
-PACKAGES = ["mosaic_ring", "mosaic_mesh2d", "mosaic_compose", "mosaic_hier", "mosaic_magi"]
+MODULES = [
+    "mosaic",
+    "mosaic.sharded",
+    "mosaic.training",
+    "mosaic.testing",
+    "mosaic.cli",
+    "mosaic.kernels",
+    "mosaic.sdk",
+]
+PACKAGES = [
+    "mosaic_ring", "mosaic_mesh2d", "mosaic_compose", "mosaic_hier", "mosaic_magi",
+    "mosaic_tabular", "mosaic_tabular.tabpfn", "mosaic_tabular.tabicl",
+]  # fmt: skip
+
+
+def importable(name: str) -> bool:
+    """Installed, with what it imports (mosaic_tabular.tabpfn needs tabpfn)."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def resolve(path: str) -> Any:
@@ -52,7 +70,7 @@ def entries() -> dict[str, Any]:
 def public_names() -> dict[str, Any]:
     """Every public name as ``module.name``, with its object; modules in ``__all__`` count through their own."""
     names = {}
-    for module_name in MODULES + [p for p in PACKAGES if importlib.util.find_spec(p)]:
+    for module_name in MODULES + [p for p in PACKAGES if importable(p)]:
         module = importlib.import_module(module_name)
         for name in module.__all__:
             obj = getattr(module, name)
@@ -70,7 +88,7 @@ def test_every_public_name_has_an_entry() -> None:
 def test_every_entry_is_public() -> None:
     """No page documents a name that is gone or private (a stale entry would also fail the build)."""
     public = {id(obj) for obj in public_names().values()}
-    modules = {importlib.import_module(m) for m in MODULES + PACKAGES if importlib.util.find_spec(m)}
+    modules = {importlib.import_module(m) for m in MODULES + PACKAGES if importable(m)}
     stale = [path for path, obj in entries().items() if id(obj) not in public and obj not in modules]
     # A method given its own entry (for its own docstring options) belongs to a public class.
     stale = [p for p in stale if not inspect.isclass(resolve(p.rsplit(".", 1)[0]))]
@@ -97,8 +115,6 @@ def test_every_public_class_and_function_has_a_docstring() -> None:
     assert not _undocumented(), sorted(_undocumented())
 
 
-
-
 def test_shardeddim_documents_every_attribute() -> None:
     doc = mosaic.ShardedDim.__doc__
     section = doc[doc.index("Attributes:") :]
@@ -108,3 +124,36 @@ def test_shardeddim_documents_every_attribute() -> None:
         assert re.search(rf"^\s+{name}: \S", section, re.M), name
     for name in properties:
         assert getattr(mosaic.ShardedDim, name).__doc__, name
+
+
+# Dotted names the docs use that are not Python objects: the entry-point groups.
+NOT_OBJECTS = {"mosaic.backends", "mosaic.kernels"}
+FILE_SUFFIXES = {"md", "py", "json", "toml", "png", "txt", "log"}
+NAME = re.compile(r"(?<![\w/.-])(mosaic(?:_[a-z0-9]+)?(?:\.[A-Za-z_]\w*)+)")
+
+
+def doc_names() -> dict[str, list[str]]:
+    """Every dotted ``mosaic.…`` / ``mosaic_<pkg>.…`` name in README.md and docs/, with where it appears."""
+    found: dict[str, list[str]] = {}
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            for name in NAME.findall(line):
+                if name.rsplit(".", 1)[1] not in FILE_SUFFIXES:  # a file name (mosaic_ring.md), not an object
+                    found.setdefault(name, []).append(f"{page.relative_to(ROOT)}:{number}")
+    return found
+
+
+def _resolves(name: str) -> bool:
+    if name.endswith(".__main__"):  # a command (importing it runs it)
+        return importlib.util.find_spec(name) is not None
+    try:
+        resolve(name)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def test_every_mosaic_name_in_the_docs_resolves() -> None:
+    """A name the README or a page mentions (``mosaic.sharded.std``, ``mosaic_ring.RingBackend``) exists."""
+    missing = {n: where for n, where in doc_names().items() if n not in NOT_OBJECTS and not _resolves(n)}
+    assert not missing, "\n".join(f"{n}: {', '.join(w[:3])}" for n, w in sorted(missing.items()))

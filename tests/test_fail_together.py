@@ -535,3 +535,53 @@ def test_functional_attention_and_sharded_helpers_fail_on_every_rank(world: int)
     results = run_distributed(_functional_and_helpers, world, world)
     _assert_together([{"kv_len": r["attention kv_len"]} for r in results], "kv_len must be an int")
     _assert_together([{"mean": r["sharded.mean"]} for r in results], "partial results differ in shape")
+
+
+# -- the audit's checks that ran before agreement (one rank raised, the others waited) ------------
+
+
+def _one_rank_misuses(world: int) -> dict:
+    ctx = _init(world)
+    last = ctx.sp_rank == world - 1
+    module = _module("ring", {})
+    x = _input(ctx)
+    out = {"explain, bad input": _outcome(lambda: mosaic.explain(module, x[..., : E // 2] if last else x))}
+    out["explain, kv_len=3.0"] = _outcome(lambda: mosaic.explain(module, x, kv_len=3.0 if last else 3))
+    mha = mosaic.MultiheadAttention(E, HEADS, batch_first=True, backend="ring")
+    rows = x[:, :, 0]  # (batch, rows_local, embed), dim 1 sharded
+    mask = torch.zeros(rows.shape[:2], dtype=torch.bool) if last else None
+    out["key_padding_mask"] = _outcome(lambda: mha(rows, rows, rows, key_padding_mask=mask, need_weights=False))
+    module(x).sum().backward()  # planned and agreed: the next call would need no agreement
+
+    def local_on_one_rank():
+        if last:
+            module.set_backend("local")
+        module(x).sum().backward()
+
+    out["set_backend('local')"] = _outcome(local_on_one_rank)
+    return out
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_misuses_on_one_rank_fail_on_every_rank(world: int) -> None:
+    results = run_distributed(_one_rank_misuses, world, world)
+    _assert_together([{"a": r["explain, bad input"]} for r in results], "embed size 12", "raised together")
+    _assert_together([{"b": r["explain, kv_len=3.0"]} for r in results], "kv_len must be an int, got float")
+    _assert_together([{"c": r["key_padding_mask"]} for r in results], "key_padding_mask is not available")
+    _assert_together([{"d": r["set_backend('local')"]} for r in results], "different sharded calls", "building",
+                     within=3 * TIMEOUT.total_seconds() + 5)  # fmt: skip
+
+
+def _auto_with_other_rates(world: int) -> dict:
+    ctx = _init(world)
+    if ctx.sp_rank == world - 1:
+        mosaic.cost.set_machine("cpu", mosaic.cost.Machine(flops_per_s=1e9, bytes_per_s=1e15, latency_s=1e-6))
+    try:
+        return {"auto": _outcome(lambda: _module("auto", {})(_input(ctx)))}
+    finally:
+        mosaic.cost.set_machine("cpu", None)  # the worker process serves later tests
+
+
+def test_auto_with_another_machine_model_on_one_rank_fails_on_every_rank() -> None:
+    _assert_together(run_distributed(_auto_with_other_rates, 2, 2), "backend='auto' would choose differently",
+                     "mosaic.cost.set_machine")  # fmt: skip

@@ -17,7 +17,6 @@ import mosaic
 from mosaic.testing import run_distributed
 
 
-
 @pytest.fixture
 def one_process():
     ctx = mosaic.init()

@@ -379,3 +379,16 @@ def test_load_checkpoint_names_what_it_found(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "old.pt", _model())
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         load_checkpoint(tmp_path / "missing", _model())
+
+
+def test_a_checkpoint_of_another_model_fails_as_an_exception(tmp_path: Path) -> None:
+    """torch's CheckpointException is a BaseException; Mosaic's functions raise a CheckpointError instead."""
+    save_checkpoint(tmp_path / "ckpt", nn.Linear(4, 4))
+    other = nn.Sequential(nn.Linear(4, 4))  # its keys are "0.weight", "0.bias"
+    try:
+        load_checkpoint(tmp_path / "ckpt", other)
+    except Exception as exc:  # what a training loop catches
+        assert isinstance(exc, mosaic.CheckpointError), type(exc)
+        assert "loading the distributed checkpoint" in str(exc) and "0.weight" in str(exc)
+    else:
+        pytest.fail("loading another model's checkpoint raised nothing")

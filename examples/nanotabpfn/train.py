@@ -210,6 +210,7 @@ def train(args: argparse.Namespace, ctx: mosaic.Context, model: NanoTabPFN, opti
             # The gradients are already summed, so every rank clips by the same norm.
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        ctx.step(step)  # the ranks agree they are at the same step (a rank that skipped one is named here)
         losses.append(loss)
         rate = args.rows * args.batch_size * ctx.dp_size / (time.perf_counter() - tick)
         bar.set_postfix(loss=f"{loss:.4f}", rows_per_s=f"{rate:,.0f}", refresh=False)

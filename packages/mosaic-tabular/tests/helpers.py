@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 TOL = 1e-5
@@ -10,10 +9,10 @@ WORLDS = (1, 2, 3, 4)
 
 
 def assert_close(got, want, what: str) -> None:
-    got, want = torch.as_tensor(np.asarray(got)), torch.as_tensor(np.asarray(want))
+    got, want = torch.as_tensor(got), torch.as_tensor(want)  # tensors, numpy arrays, lists
     scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
     torch.testing.assert_close(got, want, atol=TOL * scale, rtol=TOL, msg=lambda m: f"{what}: {m}")
 
 
 def max_difference(got, want) -> float:
-    return float((torch.as_tensor(np.asarray(got)) - torch.as_tensor(np.asarray(want))).abs().max())
+    return float((torch.as_tensor(got) - torch.as_tensor(want)).abs().max())

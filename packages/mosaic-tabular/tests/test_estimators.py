@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("mosaic_ring", reason="needs mosaic-ring for the ring and allgather backends")
 pytest.importorskip("sklearn", reason="needs scikit-learn for the data")
 
+import numpy as np
 import torch
 from helpers import assert_close
 from sklearn.datasets import make_classification, make_regression

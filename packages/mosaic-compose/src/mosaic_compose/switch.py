@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -342,6 +343,8 @@ def switch_cost(problem: AttentionProblem, split: BatchSplit) -> Cost:
 @dataclass(frozen=True)
 class SwitchPlan(Plan):
     """The batch split, where every rank's rows land in position order, and the blocks over whole sequences."""
+
+    traceable: ClassVar[bool] = True  # its collectives trace into a compiled graph
 
     split: BatchSplit
     q_pos: Positions

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -136,6 +137,8 @@ def _cost(p: AttentionProblem, keys: int) -> Cost:
 @dataclass(frozen=True)
 class UlyssesPlan(Plan):
     """The head exchanges of the group and the blocks over the whole dim."""
+
+    traceable: ClassVar[bool] = True  # its collectives trace into a compiled graph
 
     q_exchange: HeadExchange
     kv_exchange: HeadExchange

@@ -192,6 +192,13 @@ class AutoBackend(Backend):
         machines = [default_machine(torch.device(kind)) for kind in ("cpu", "cuda")]
         return zlib.crc32(repr((options.digest(), names, machines)).encode())
 
+    def digest_differs(self, group: str) -> str:
+        return (
+            f"backend='auto' would choose differently on the ranks of the {group} group: the backends installed "
+            "or the machine model (mosaic.calibrate, mosaic.cost.set_machine) differ between ranks; install the same "
+            "backends and set the same rates everywhere"
+        )
+
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
         explanation = rank(problem, problem.options)
         if explanation.chosen is not None:

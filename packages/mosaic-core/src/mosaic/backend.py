@@ -75,6 +75,10 @@ class Plan(ABC):
 
     problem: AttentionProblem
     cost: Cost
+    #: Whether torch.compile may trace the call into the graph: its collectives are ones dynamo traces
+    #: (gathers, reduce-scatters, all-to-alls of :mod:`mosaic.comm`; no P2P, no host exchange). A plan
+    #: that is not runs eagerly inside a compiled model: one graph break per call.
+    traceable: ClassVar[bool] = False
 
     @abstractmethod
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -176,6 +180,13 @@ class Backend(ABC):
         """What the ranks must agree on about this backend beyond its name: its options (override to add
         facts a rank decides from its own environment, as ``auto`` does with its machine model)."""
         return options.digest()
+
+    def digest_differs(self, group: str) -> str:
+        """What every rank says when the ranks' :meth:`agreement_digest` differ but their options are equal."""
+        return (
+            f"backend {self.name!r} decides from facts of each rank beyond its options, and they differ between "
+            f"the ranks of the {group} group"
+        )
 
     def estimate(self, problem: AttentionProblem) -> Cost:
         """The cost of running ``problem`` (which :meth:`check` accepted), without building anything.

@@ -166,7 +166,9 @@ def blocking(run: Callable[[], object]) -> object:
 
 def _slice_bytes(x: torch.Tensor, dim: int) -> int:
     """Bytes of one slice of ``x`` along ``dim``."""
-    return math.prod(n for i, n in enumerate(x.shape) if i != dim) * x.element_size()
+    shape = list(x.shape)
+    shape[dim] = 1
+    return math.prod(shape) * x.element_size()
 
 
 def _is_gloo(group: dist.ProcessGroup | None) -> bool:
@@ -176,6 +178,12 @@ def _is_gloo(group: dist.ProcessGroup | None) -> bool:
 def staged(group: dist.ProcessGroup | None, x: torch.Tensor) -> bool:
     """Whether ``x`` travels through host memory on ``group``: a CUDA tensor on a gloo group."""
     return x.is_cuda and _is_gloo(group)
+
+
+def _eager() -> bool:
+    """Whether to start collectives asynchronously: eagerly yes; a traced graph takes them synchronous (dynamo
+    traces no ``async_op``) and its compiler schedules them."""
+    return not torch.compiler.is_compiling()
 
 
 class Pending:
@@ -209,7 +217,7 @@ def start_all_gather(x: torch.Tensor, sizes: list[int], dim: int, group: dist.Pr
         host = staged(group, x)
         send = x.cpu() if host else x
         flat = send.new_empty((len(sizes) * x.shape[0], *x.shape[1:]))  # rank-major; gloo wants this shape
-        work = all_gather_single(flat, send, group=group, async_op=True)
+        work = all_gather_single(flat, send, group=group, async_op=_eager())
         arrived = (lambda: flat.to(x.device)) if host else (lambda: flat)
         if dim == 0 and len(set(sizes)) == 1:
             return Pending(work, arrived)
@@ -221,7 +229,7 @@ def start_all_gather(x: torch.Tensor, sizes: list[int], dim: int, group: dist.Pr
         return Pending(work, in_place)
     # Unequal sizes (NCCL): every rank's rows arrive in their own buffer; ranks holding none send nothing.
     parts = [resized(x, n, dim) for n in sizes]
-    work = dist.all_gather(parts, x, group=group, async_op=True)
+    work = dist.all_gather(parts, x, group=group, async_op=_eager())
     return Pending(work, lambda: torch.cat(parts, dim))
 
 
@@ -247,21 +255,32 @@ def start_reduce_scatter(
     rank, dtype = dist.get_rank(group), dtype or x.dtype
     _record(group, [0 if r == rank else sizes[rank] * _slice_bytes(x, dim) for r in range(len(sizes))])
     chunks = x.split(sizes, dim)
-    out = resized(x, sizes[rank], dim, dtype)
     host = staged(group, x)
-    got = out.cpu() if host else out
-    if len(set(sizes)) == 1:
-        if dim == 0 and x.dtype == dtype and x.is_contiguous():
-            flat = x
-        else:
-            flat = x.new_empty((len(sizes) * out.shape[0], *out.shape[1:]), dtype=dtype)  # rank-major
-            for row, chunk in zip(flat.view(len(sizes), *out.shape), chunks, strict=True):
-                row.copy_(chunk)
-        work = reduce_scatter_single(got, flat.cpu() if host else flat, group=group, async_op=True)
-    else:
+    even = len(set(sizes)) == 1
+    if not even and _eager():
+        out = resized(x, sizes[rank], dim, dtype)
+        got = out.cpu() if host else out
         parts = [resized(chunk, chunk.shape[dim], dim, dtype).copy_(chunk) for chunk in chunks]
         work = dist.reduce_scatter(got, [p.cpu() for p in parts] if host else parts, group=group, async_op=True)
-    return Pending(work, (lambda: out.copy_(got)) if host else (lambda: out))
+        return Pending(work, (lambda: out.copy_(got)) if host else (lambda: out))
+    # One rank-major buffer, every rank's rows padded to the widest (a traced graph has no list form).
+    width = max(sizes)
+    out = resized(x, width, dim, dtype)
+    got = out.cpu() if host else out
+    if even and dim == 0 and x.dtype == dtype and x.is_contiguous():
+        flat = x
+    else:
+        make = x.new_empty if even else x.new_zeros
+        flat = make((len(sizes) * out.shape[0], *out.shape[1:]), dtype=dtype)
+        for row, chunk in zip(flat.view(len(sizes), *out.shape), chunks, strict=True):
+            row.narrow(dim, 0, chunk.shape[dim]).copy_(chunk)
+    work = reduce_scatter_single(got, flat.cpu() if host else flat, group=group, async_op=_eager())
+
+    def mine() -> torch.Tensor:
+        full = out.copy_(got) if host else out
+        return full if sizes[rank] == width else full.narrow(dim, 0, sizes[rank]).contiguous()
+
+    return Pending(work, mine)
 
 
 def reduce_scatter_uneven(

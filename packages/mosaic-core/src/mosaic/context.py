@@ -7,7 +7,7 @@ A Context holds, each in a room of its own,
 - how the ranks agree (:class:`~mosaic.agreement.Agreement` over the sp group,
   and one over the world for ``reduce_gradients``);
 - which dims of the model's tensors are sharded (:class:`~mosaic.declarations.Declarations`);
-- the plans made so far, by their facts (:class:`~mosaic.plans.PlanCache`).
+- the calls seen so far, by their facts, and the plans made, by their problem (:class:`~mosaic.plans.PlanCache`).
 
 Ranks form a grid ``(dp, sp)``: the ``sp`` ranks of one row share the sharded
 dim (contiguous global ranks, so on one node where possible), the ``dp`` rows
@@ -56,7 +56,7 @@ Checks = Literal["per_step", "every_call"]
 # hanging it, and the flight recorder dumps every rank's last collectives when one times out.
 _HANG_DIAGNOSIS = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
-    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    "TORCH_FR_BUFFER_SIZE": "2000",  # the flight recorder (torch >= 2.8; TORCH_NCCL_TRACE_BUFFER_SIZE before)
     "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
 }
 
@@ -90,6 +90,10 @@ class Context:
     agreement: Agreement = field(init=False, repr=False)
     world_agreement: Agreement = field(init=False, repr=False)
     declarations: Declarations = field(init=False, repr=False)
+    # A call's facts -> its agreed problem and plan (what a cached call runs, with no exchange) ...
+    calls: PlanCache = field(init=False, repr=False, default_factory=PlanCache)
+    # ... and a problem -> its backend's plan (calls that agree on the same problem share one), and the plans
+    # compositions run inside theirs.
     plans: PlanCache = field(init=False, repr=False, default_factory=PlanCache)
     inner_plans: PlanCache = field(init=False, repr=False, default_factory=PlanCache)
 
@@ -254,6 +258,7 @@ class Context:
         comm.set_backward(False)
         if self.sp_group is not None and dist.get_backend(self.sp_group) == "gloo":
             self.groups.rebuild()
+        self.calls.clear()
         self.plans.clear()
         self.inner_plans.clear()
 
@@ -359,7 +364,7 @@ def init(
     no process group behind that it started. When Mosaic starts the process group it
     turns on torch's hang diagnosis where the environment does not set it: NCCL errors
     abort (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``) and the flight recorder dumps the last
-    collectives of every rank on a timeout (``TORCH_NCCL_TRACE_BUFFER_SIZE``,
+    collectives of every rank on a timeout (``TORCH_FR_BUFFER_SIZE``,
     ``TORCH_NCCL_DUMP_ON_TIMEOUT``).
     """
     global _context

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -102,6 +102,9 @@ class Call:
         return site_id(self.what)
 
 
+_CALL_FIELDS = tuple(f.name for f in fields(Call))
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -163,7 +166,20 @@ def attention(
             "distributed backend ('allgather', 'ring', 'auto', ...), or sharded=False if they are whole"
         )
         return attend(None, None, None, call, context, error=error)
+    if not chosen.capabilities.distributed and sharded and _sp_size(context) > 1:
+        # The same on every rank (no exchange needed): the call says its keys are a part of each rank's.
+        raise ValueError(
+            f"{what}: sharded=True says the keys are this rank's part of a dim sharded over the sp group, but "
+            "backend='local' attends only to the keys it is given: use a distributed backend ('allgather', "
+            "'ring', 'auto', ...)"
+        )
     return attend(q, k, v, call, context)
+
+
+def _sp_size(context: Context | None) -> int:
+    if context is not None:
+        return context.sp_size
+    return get_context().sp_size if is_initialized() else 1
 
 
 def _with_kv_len(call: Call, kv_len: Any) -> Call:
@@ -236,7 +252,55 @@ def attend(
                 return _traced_local(q, k, v, call)
             return _planned_local(q, k, v, call)  # a named kernel runs as it is: one graph break
         return build_plan(call.backend, _local_problem(q, k, call))(q, k, v)
-    return _distributed(q, k, v, call, context or get_context(), error, rule)
+    ctx = context or get_context()
+    if torch.compiler.is_compiling() and error is None and rule is None and ctx.checks != "every_call":
+        # The call travels as its fields: dynamo passes constants and objects made before the trace.
+        index = _traced_entry(ctx, *(getattr(call, name) for name in _CALL_FIELDS), _stand_in(q), _stand_in(k),
+                              _backward(q, k, v))  # fmt: skip
+        if index >= 0:
+            return ctx.calls.traced[index].plan(q, k, v)
+    return _distributed(q, k, v, call, ctx, error, rule)
+
+
+def _stand_in(x: torch.Tensor) -> tuple:
+    """What planning reads of a tensor (shape, dtype, device), as constants a trace can pass on."""
+    return tuple(x.shape), x.dtype, x.device
+
+
+@torch._dynamo.assume_constant_result
+def _traced_entry(ctx: Context, *args: Any) -> int:
+    """Where the plan of a call being traced by torch.compile is (``ctx.calls.traced``), made (and agreed)
+    while tracing: the graph runs it.
+
+    Every rank traces the same graph at the same time, so a plan-cache miss agrees then, as it would
+    eagerly; the plan's collectives are traced into the graph, and dynamo's guards hold every later run
+    of the graph to the traced facts (shapes, dtypes, module attributes), so a run agrees nothing.
+    -1 when the call's layouts need agreeing on every call (lengths no declaration implies) or its plan is
+    not :attr:`~mosaic.backend.Plan.traceable`: the call then runs eagerly, one graph break; also
+    when the agreement raised (on every rank).
+    """
+    *values, q, k, backward = args
+    call = Call(*values)
+    q, k = (torch.empty(1, dtype=dtype, device=device).expand(shape) for shape, dtype, device in (q, k))
+    try:
+        try:
+            facts = call_facts(q, k, call, backward)
+            rule = _declared_rule(ctx, call, q.shape[2], k.shape[2])
+        except (TypeError, ValueError) as exc:  # every rank must hear of it, as eagerly
+            ctx.agreement.round(PLAN, call.what, error=exc, site=call.site)
+            raise AssertionError("unreachable: the round raises") from exc
+        key = (call.site, call.backend.name, id(call.backend), tuple(facts), tuple(rule.facts), rule.key)
+        entry = ctx.calls.get(key)
+        if entry is None:
+            entry = _agree_and_plan(q, k, call, ctx, facts, rule, backward, False)
+            if entry.fast:
+                ctx.calls.put(key, entry)
+    except Exception:
+        # Raised on every rank (agreed): the call runs eagerly, where the ranks agree again and raise it
+        # themselves (raised here, the compiler would wrap it in its own error; under ``fullgraph=True``
+        # the compiler refuses the eager call, on every rank alike).
+        return -1
+    return ctx.calls.pin(entry) if entry.fast and entry.plan.traceable else -1
 
 
 @torch.compiler.disable
@@ -276,13 +340,13 @@ def _distributed(q, k, v, call: Call, ctx: Context, error, rule: LayoutRule | No
         ctx.agreement.round(CALL if every_call else PLAN, call.what, error=exc, site=call.site)
         raise AssertionError("unreachable: the round raises") from exc
     key = (call.site, call.backend.name, id(call.backend), tuple(facts), tuple(rule.facts), rule.key)
-    entry = None if every_call else ctx.plans.get(key)
+    entry = None if every_call else ctx.calls.get(key)
     if entry is None:
         entry = _agree_and_plan(q, k, call, ctx, facts, rule, backward, every_call)
         # Cached only when every rank's facts imply every rank's layout (agreed: each rank says so in its
         # row), so that the ranks hit and miss together; otherwise every call agrees.
         if entry.fast and not every_call:
-            ctx.plans.put(key, entry)
+            ctx.calls.put(key, entry)
     else:
         ctx.agreement.record(FORWARD, call.what, entry.digest)
     return _execute(entry.plan, q, k, v, call, ctx, backward)
@@ -324,7 +388,7 @@ def _agreed(
     for column in range(_PER_RANK, len(_FACTS)):
         values = [r[column] for r in rows]
         if len(set(values)) != 1:
-            raise ValueError(_disagreement(column, values, ctx.agreement.name, call))
+            raise ValueError(f"{call.what}: {_disagreement(column, values, ctx.agreement.name, call)}")
     if rule.agreed is not None:
         q_layout, kv_layout = rule.agreed(rows)
     else:
@@ -441,11 +505,7 @@ def _disagreement(column: int, values: list[int], group: str, call: Call) -> str
     elif name == "sharded=":
         values = [{0: None, 1: True, 2: False}[v] for v in values]  # type: ignore[misc]
     elif name == "backend options" and call.backend.name == "auto":
-        return (
-            f"backend='auto' would choose differently on the ranks of the {group} group: the backends installed "
-            "or the machine model (mosaic.calibrate, mosaic.cost.set_machine) differ between ranks; install the same "
-            "backends and set the same rates everywhere"
-        )
+        return call.backend.digest_differs(group)
     elif name in ("backend", "backend options", "softmax scale", "dropout", "batch shape (the folded dims)"):
         return (
             f"attention calls disagree across the {group} group: the {name} differ between ranks "
@@ -470,6 +530,8 @@ def prepare_backend(backend: Backend, options: Options, context: Context, what: 
     rows = context.agreement.round(BUILD, f"building {what}", facts, site=site_id("building a layer"))
     if len(set(rows)) != 1:
         chosen = context.agreement.share(f"{what}, options ({options})", what)
+        if len(set(chosen)) == 1:  # the same layer and options: what differs is each rank's own environment
+            raise ValueError(f"building {what}: {backend.digest_differs(context.agreement.name)}")
         listed = "; ".join(f"rank {r}: {c}" for r, c in enumerate(chosen))
         raise ValueError(
             f"building a layer: the backend or its options differ between ranks of the {context.agreement.name} "

@@ -30,6 +30,17 @@ class PlanCache(Generic[V]):
     def __init__(self, size: int = 512):
         self.size = size
         self._entries: OrderedDict[Hashable, V] = OrderedDict()
+        # Entries compiled graphs run, by position: a graph reaches its entry through this list (a place
+        # dynamo can guard), never evicted while the cache lives.
+        self.traced: list[V] = []
+
+    def pin(self, value: V) -> int:
+        """``value``'s position in :attr:`traced` (added the first time)."""
+        for i, held in enumerate(self.traced):
+            if held is value:
+                return i
+        self.traced.append(value)
+        return len(self.traced) - 1
 
     def get(self, key: Hashable) -> V | None:
         value = self._entries.get(key)
@@ -43,8 +54,13 @@ class PlanCache(Generic[V]):
         if len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
+    def values(self) -> list[V]:
+        """The entries held, oldest first."""
+        return list(self._entries.values())
+
     def clear(self) -> None:
         self._entries.clear()
+        self.traced = []  # a new list: graphs guarded on the old one retrace
 
     def __len__(self) -> int:
         return len(self._entries)

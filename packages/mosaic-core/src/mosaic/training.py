@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
@@ -45,6 +46,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .context import Context, get_context
+from .errors import CheckpointError
 
 __all__ = [
     "checkpoint_extra",
@@ -200,6 +202,16 @@ def _quiet_if_one_process() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _checkpoint_errors(doing: str, path: Path) -> Iterator[None]:
+    """torch's ``CheckpointException`` (a ``BaseException``: ``except Exception`` misses it) as a
+    :class:`~mosaic.errors.CheckpointError`, with torch's reasons in the message."""
+    try:
+        yield
+    except CheckpointException as exc:
+        raise CheckpointError(f"{doing} the distributed checkpoint {path} failed: {exc}") from exc
+
+
 def _numpy_imports() -> bool:
     """Whether numpy imports (a broken install counts as missing, as it does for torch)."""
     try:
@@ -253,6 +265,7 @@ def save_checkpoint(
     Raises:
         ImportError: with several processes and no numpy (DCP's object collectives need it):
             ``pip install "mosaic-core[training]"``.
+        CheckpointError: when torch's checkpoint fails (a missing key, a shape that differs, ...).
     """
     _check_numpy()
     path = Path(path)
@@ -267,7 +280,7 @@ def save_checkpoint(
     state: dict[str, Any] = {"model": model_state, "extra": json.dumps(extra or {})}
     if optimizer is not None:
         state["optimizer"] = optim_state
-    with _quiet_if_one_process():
+    with _quiet_if_one_process(), _checkpoint_errors("saving", path):
         dcp.save(state, checkpoint_id=tmp)
     if rank0:
         # Two renames, so that some complete checkpoint exists at every moment.
@@ -297,11 +310,12 @@ def checkpoint_extra(path: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError: when ``path`` is not a distributed checkpoint.
         ImportError: with several processes and no numpy (DCP's object collectives need it):
             ``pip install "mosaic-core[training]"``.
+        CheckpointError: when torch's checkpoint fails (a missing key, a shape that differs, ...).
     """
     path = Path(path)
     _check_checkpoint(path)
     state: dict[str, Any] = {"extra": ""}
-    with _quiet_if_one_process():
+    with _quiet_if_one_process(), _checkpoint_errors("reading", path):
         dcp.load(state, checkpoint_id=path)
     return json.loads(state["extra"])
 
@@ -324,6 +338,7 @@ def load_checkpoint(
         FileNotFoundError: when ``path`` is not a distributed checkpoint.
         ImportError: with several processes and no numpy (DCP's object collectives need it):
             ``pip install "mosaic-core[training]"``.
+        CheckpointError: when torch's checkpoint fails (a missing key, a shape that differs, ...).
     """
     path = Path(path)
     _check_checkpoint(path)
@@ -331,7 +346,7 @@ def load_checkpoint(
     state: dict[str, Any] = {"model": model_state, "extra": ""}
     if optimizer is not None:
         state["optimizer"] = optim_state
-    with _quiet_if_one_process():
+    with _quiet_if_one_process(), _checkpoint_errors("loading", path):
         dcp.load(state, checkpoint_id=path)
     set_state_dict(
         model,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -102,6 +103,8 @@ def _cost(p: AttentionProblem, sizes: tuple[int, ...], chunks: int) -> Cost:
 @dataclass(frozen=True)
 class AllGatherPlan(Plan):
     """What one rank gathers and computes: every rank's kept key rows, and the pieces over them."""
+
+    traceable: ClassVar[bool] = True  # its collectives trace into a compiled graph
 
     sizes: tuple[int, ...]  # kept key rows of every rank
     mine: KeyBlock

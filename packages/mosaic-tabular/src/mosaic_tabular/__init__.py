@@ -10,6 +10,4 @@ from .rows import RowSplit
 from .upstream import UpstreamChanged, check_upstream
 from .weights import randomize_
 
-__version__ = "0.1.0"
-
 __all__ = ["RowSplit", "UpstreamChanged", "check_upstream", "randomize_"]

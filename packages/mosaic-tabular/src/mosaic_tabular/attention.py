@@ -3,9 +3,9 @@
 The row tensors handed to attention here (a layer's projected q/k/v, a K/V
 cache of the training rows each rank holds) are this rank's rows of the sp
 group, but no dim of theirs was declared with ``ctx.shard``/``ctx.sharded_dim``:
-they are views the packages' own code made. Mosaic's coming ``sharded=True``
-keyword of ``mosaic.attention`` ("the caller asserts q/k/v are sharded over the
-sp group") belongs here, in one line.
+they are views the packages' own code made, so the call says so with
+``sharded=True`` (the keys are this rank's rows of a dim sharded over the sp
+group; the lengths may differ between ranks and be 0).
 """
 
 from __future__ import annotations
@@ -19,4 +19,4 @@ __all__ = ["row_attention"]
 
 def row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str, name: str) -> torch.Tensor:
     """Attention of this rank's query rows over every rank's key rows (``(batch, heads, rows, head_dim)``)."""
-    return mosaic.attention(q, k, v, backend=backend, name=name)
+    return mosaic.attention(q, k, v, backend=backend, name=name, sharded=True)

@@ -54,13 +54,14 @@ class CudnnKernel(Kernel):
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale
         )
-        return out, lse.reshape(q.shape[:3]), (lse.shape, cum_q, cum_k, max_q, max_k, seed, offset)
+        return out, lse.reshape(q.shape[:3]), (lse.shape, out.stride(), cum_q, cum_k, max_q, max_k, seed, offset)
 
     def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
-        lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
-        out = _aligned(out)
-        if dout.stride() != out.stride():  # cuDNN reads dout in out's memory order
-            dout = torch.empty_like(out).copy_(dout)
+        lse_shape, out_stride, cum_q, cum_k, max_q, max_k, seed, offset = aux
+        # The backward sees out and dout laid out exactly as this block's forward wrote out (as in torch's own
+        # autograd): a merged out of a blockwise strategy may sit in another memory order than q's.
+        out = _laid_out(out, out_stride)
+        dout = _laid_out(dout, out_stride)
         return aten._scaled_dot_product_cudnn_attention_backward(
             dout,
             _aligned(q),
@@ -79,6 +80,14 @@ class CudnnKernel(Kernel):
             causal,
             scale=scale,
         )[:3]
+
+
+def _laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """``t`` with exactly ``stride`` (a dense layout of its shape): itself when it has it (and cuDNN can read
+    it where it starts), else a copy."""
+    if t.stride() == stride and _aligned(t) is t:
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ third-party::
 
 Every case compares outputs, input (and kv) gradients and parameter
 gradients with the ``local`` backend on the unsharded tensor
-(:func:`~mosaic.testing.compare_with_local`). The call prints a pass/fail
+(:func:`~mosaic.testing.compare_with_local`); then the contract's rules run
+(:mod:`mosaic.testing.rules`), a row each in the table. The call prints a pass/fail
 table, raises when the backend fails (``check=False`` returns instead) and
 returns a :class:`ConformanceReport` with the verdict and every case's
 result. From the shell: ``python -m mosaic.testing NAME`` (see
@@ -23,6 +24,7 @@ result. From the shell: ``python -m mosaic.testing NAME`` (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from .reference import compare_with_local
 __all__ = ["STANDARD_CASES", "Case", "CaseResult", "ConformanceReport", "cases_for", "run_conformance", "with_extra"]
 
 KvLen = int | Callable[[int, int], int] | None
+RULE_PREFIX = "rule: "  # the table's rows of the contract's rules
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,8 @@ class ConformanceReport(Mapping[int, dict[str, dict[str, float]]]):
     """What :func:`run_conformance` found: a verdict, a row per case and world size, a printable table.
 
     As a mapping it is ``{world size: {case name: errors}}`` over the cases
-    that ran (what ``run_conformance`` returned before it had a report).
+    that ran (what ``run_conformance`` returned before it had a report); the
+    rules' rows (``"rule: ..."``) are in :attr:`results` only.
 
     Attributes:
         backend: the backend checked.
@@ -229,7 +233,7 @@ class ConformanceReport(Mapping[int, dict[str, dict[str, float]]]):
     def _measured(self) -> dict[int, dict[str, dict[str, float]]]:
         ran: dict[int, dict[str, dict[str, float]]] = {}
         for r in self.results:
-            if r.status != "skip":
+            if r.status != "skip" and not r.case.startswith(RULE_PREFIX):
                 ran.setdefault(r.world_size, {})[r.case] = dict(r.errors)
         return ran
 
@@ -243,25 +247,97 @@ class ConformanceReport(Mapping[int, dict[str, dict[str, float]]]):
         return len(self._measured())
 
 
-def _run_cases(backend: str, world_size: int, options, cases: list[Case], dtype, setup: Callable[[], None] | None):
-    """On every rank: the cases in order, up to the first that raises (after it the ranks may be out of step)."""
+def _run_cases(
+    backend: str, world_size: int, options, cases: list[Case], dtype, setup: Callable[[], None] | None, rules: bool
+):
+    """On every rank: the cases in order, up to the first that raises (after it the ranks may be out of step);
+    then, when every case ran, the contract's rules (:mod:`mosaic.testing.rules`)."""
     import mosaic
 
     if setup is not None:
         setup()
-    mosaic.init(sp_size=world_size)
+    ctx = mosaic.init(sp_size=world_size)
     results: dict[str, dict[str, float]] = {}
-    for case in cases:
-        kwargs: dict[str, Any] = dict(
-            num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, kv_length=case.kv_length,
-            kv_len=case.kv_len_for(world_size), causal=case.causal, layout=case.layout, dtype=dtype,
-            backend_options=dict(options or {}), **case.extra,
-        )  # fmt: skip
-        try:
-            results[case.name] = compare_with_local(backend, case.shape, case.axis, **kwargs)
-        except Exception as exc:
-            return results, (case.name, f"raised {type(exc).__name__}: {exc}")
-    return results, None
+    with _posed(mosaic.get_backend(backend)) as problems:
+        for case in cases:
+            kwargs: dict[str, Any] = dict(
+                num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, kv_length=case.kv_length,
+                kv_len=case.kv_len_for(world_size), causal=case.causal, layout=case.layout, dtype=dtype,
+                backend_options=dict(options or {}), **case.extra,
+            )  # fmt: skip
+            try:
+                results[case.name] = compare_with_local(backend, case.shape, case.axis, **kwargs)
+            except Exception as exc:
+                return results, (case.name, f"raised {type(exc).__name__}: {exc}"), {}
+    return results, None, _check_rules(backend, options, problems, ctx) if rules else {}
+
+
+@contextlib.contextmanager
+def _posed(backend) -> Iterator[list]:
+    """The problems the cases pose to ``backend`` (each planned once: plans are cached by problem)."""
+    problems: list = []
+    plan = backend.plan
+
+    def recording(problem):
+        problems.append(problem)
+        return plan(problem)
+
+    backend.plan = recording
+    try:
+        yield problems
+    finally:
+        del backend.plan  # the class's method again
+
+
+# How long a rank waits for a peer in the injected-failure rule: the others learn of it by this timeout.
+_RULE_TIMEOUT = 3.0
+
+
+def _check_rules(backend: str, options, problems: list, ctx) -> dict[str, Any]:
+    """Every rule's outcome on this rank: ``None`` (kept), a failure, ``("skip", why)``, or for the injected
+    failure what this rank raised (compared across ranks by the caller)."""
+    import mosaic
+
+    from . import rules
+
+    chosen = mosaic.get_backend(backend)
+    outcome: dict[str, Any] = rules.check_estimates(chosen, problems, ctx)
+    try:
+        outcome[rules.RULES[2]] = rules.check_kv_len_rows(backend, options, ctx)
+    except mosaic.BackendNotSupported as exc:
+        outcome[rules.RULES[2]] = ("skip", _first_line(exc))
+    if ctx.sp_size == 1:
+        outcome[rules.RULES[3]] = ("skip", "one rank: no peer to fail with")
+        return outcome
+    mosaic.shutdown()
+    ctx = mosaic.init(sp_size=ctx.sp_size, collective_timeout=_RULE_TIMEOUT)
+    kind, text = rules.check_injected_error(backend, options, ctx)
+    outcome[rules.RULES[3]] = ("skip", text) if kind == "skip" else ("raised", kind, text)
+    return outcome
+
+
+def _rule_results(world: int, outcome: list) -> list[CaseResult]:
+    """A row per rule at one world size, from every rank's outcome."""
+    from .rules import RULES
+
+    found = [rules for _, stop, rules in outcome if stop is None]
+    if len(found) != len(outcome) or not found[0]:
+        return []
+    results = []
+    for rule in RULES:
+        views = [ranks[rule] for ranks in found]
+        name = f"{RULE_PREFIX}{rule}"
+        if isinstance(views[0], tuple) and views[0][0] == "skip":
+            results.append(CaseResult(world, name, "skip", (views[0][1],)))
+        elif isinstance(views[0], tuple):  # what each rank raised after the injected failure
+            raised = [f"{kind}: {text}" if kind else "nothing" for _, kind, text in views]
+            same = len(set(raised)) == 1 and raised[0] != "nothing" and "injected failure" in raised[0]
+            why = () if same else tuple(f"rank {r} raised {text[:200]}" for r, text in enumerate(raised))
+            results.append(CaseResult(world, name, "pass" if same else "fail", why))
+        else:
+            failures = sorted({f"rank {r}: {v}" for r, v in enumerate(views) if v})
+            results.append(CaseResult(world, name, "fail" if failures else "pass", tuple(failures)))
+    return results
 
 
 def _first_line(exc: BaseException) -> str:
@@ -269,22 +345,30 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def _run_failure(exc: BaseException) -> str:
+    """What stopped a run: the first rank's own error where the harness reports one, not only its header."""
+    lines = str(exc).strip().splitlines()
+    if isinstance(exc, DistributedTestError) and len(lines) > 2 and lines[1].startswith("--- rank"):
+        return f"{lines[0]} {lines[1]} {lines[2]}"
+    return _first_line(exc)
+
+
 def _results_at(
     world: int,
     cases: Sequence[Case],
     skipped: Mapping[str, list[str]],
-    outcome: list[tuple[dict[str, dict[str, float]], tuple[str, str] | None]] | Exception,
+    outcome: list[tuple[dict[str, dict[str, float]], tuple[str, str] | None, dict[str, Any]]] | Exception,
     tolerance: float,
 ) -> list[CaseResult]:
     """Every case's result at one world size, in the order of ``cases``, from what each rank returned."""
     results: list[CaseResult] = []
     if isinstance(outcome, Exception):
         # A rank died or hung: no case of this size can be trusted.
-        why = (f"the run at P={world} failed: {_first_line(outcome)}",)
+        why = (f"the run at P={world} failed: {_run_failure(outcome)}",)
     else:
         # Every rank computes the same errors (from gathered tensors); a case that raised anywhere failed.
-        raised = dict(stop for _, stop in outcome if stop is not None)
-        ran = set.intersection(*(set(measured) for measured, _ in outcome))
+        raised = dict(stop for _, stop, _ in outcome if stop is not None)
+        ran = set.intersection(*(set(measured) for measured, _, _ in outcome))
         measured = outcome[0][0]
     for case in cases:
         name = case.name
@@ -301,6 +385,8 @@ def _results_at(
         else:
             first = next(iter(raised))
             results.append(CaseResult(world, name, "skip", (f"not run: case {first!r} raised before it",)))
+    if not isinstance(outcome, Exception):
+        results += _rule_results(world, outcome)
     return results
 
 
@@ -316,6 +402,7 @@ def run_conformance(
     setup: Callable[[], None] | None = None,
     check: bool = True,
     print_table: bool = True,
+    rules: bool = True,
 ) -> ConformanceReport:
     """Check ``backend`` on every case it declares it runs, at each world size, against ``local``.
 
@@ -337,6 +424,9 @@ def run_conformance(
         check: raise ``AssertionError`` listing the failures when the backend fails
             (:meth:`ConformanceReport.check`); ``False`` returns the failing report.
         print_table: print the pass/fail table (:meth:`ConformanceReport.table`).
+        rules: also check the contract's rules (:mod:`mosaic.testing.rules`: equal cost on every
+            rank, no collective while estimating, no key row past ``kv_len`` sent, the same error on
+            every rank for a collective that fails on one), once every case at a world size ran.
 
     Returns:
         The :class:`ConformanceReport`: ``report.passed``, a :class:`CaseResult` per
@@ -348,10 +438,11 @@ def run_conformance(
         kept, skipped = cases_for(backend, world, options, cases)
         if not kept:
             problems.append(f"P={world}: the backend declares none of the {len(cases)} cases")
-            results += _results_at(world, cases, skipped, [({}, None)], tolerance)
+            results += _results_at(world, cases, skipped, [({}, None, {})], tolerance)
             continue
         try:
-            outcome = run_distributed(_run_cases, world, backend, world, options, kept, dtype, setup, timeout=timeout)
+            outcome = run_distributed(_run_cases, world, backend, world, options, kept, dtype, setup, rules,
+                                      timeout=timeout)  # fmt: skip
         except (DistributedTestError, TimeoutError) as exc:
             outcome = exc
         results += _results_at(world, cases, skipped, outcome, tolerance)
