@@ -42,6 +42,7 @@ setup() {
       .whl/ring_flash_attn-*.whl && export PYTHONPATH=/tmp/site
   fi
   python3 -c "import mosaic; print('backends', mosaic.available_backends())"
+  python3 -m mosaic > "$OUT/doctor.txt" 2>&1 || status=1  # the doctor on this GPU (#27)
 }
 
 one() {  # about 9 minutes on one H200; the limits keep the call inside 10
