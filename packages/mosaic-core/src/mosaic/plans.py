@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from .backend import Backend, Plan
 from .problem import AttentionProblem
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["PlanCache", "build_plan", "plan_inner"]
 

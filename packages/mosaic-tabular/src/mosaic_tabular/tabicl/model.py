@@ -108,7 +108,7 @@ class RowShardedTabICL(TabICL):
     def _refuse_training(self) -> None:
         # Decided by the module's mode, the same on every rank.
         if self.training:
-            raise NotImplementedError("mosaic-tabular 0.1 shards TabICL's inference only (call .eval())")
+            raise NotImplementedError("mosaic-tabular shards TabICL's inference only: call model.eval() first")
 
 
 def _this_ranks_rows(X_train: torch.Tensor | None, y_train: torch.Tensor | None, X_test: torch.Tensor | None):

@@ -116,15 +116,15 @@ class _RowShardedColumnAttention:
 
 
 class RowShardedColumnAttentionV2(_RowShardedColumnAttention, tabpfn_v2.AlongColumnAttention):
-    pass
+    """RowShardedColumnAttention over tabpfn's tabpfn_v2.AlongColumnAttention."""
 
 
 class RowShardedColumnAttentionV2p5(_RowShardedColumnAttention, tabpfn_v2_5.AlongColumnAttention):
-    pass
+    """RowShardedColumnAttention over tabpfn's tabpfn_v2_5.AlongColumnAttention."""
 
 
 class RowShardedColumnAttentionV2p6(_RowShardedColumnAttention, tabpfn_v2_6.AlongColumnAttention):
-    pass
+    """RowShardedColumnAttention over tabpfn's tabpfn_v2_6.AlongColumnAttention."""
 
 
 class _RowsLocalFeatureAttention:
@@ -138,12 +138,12 @@ class _RowsLocalFeatureAttention:
 
 
 class RowsLocalFeatureAttentionV2(_RowsLocalFeatureAttention, tabpfn_v2.AlongRowAttention):
-    pass
+    """RowsLocalFeatureAttention over tabpfn's tabpfn_v2.AlongRowAttention."""
 
 
 class RowsLocalFeatureAttentionV2p5(_RowsLocalFeatureAttention, tabpfn_v2_5.AlongRowAttention):
-    pass
+    """RowsLocalFeatureAttention over tabpfn's tabpfn_v2_5.AlongRowAttention."""
 
 
 class RowsLocalFeatureAttentionV2p6(_RowsLocalFeatureAttention, tabpfn_v2_6.AlongRowAttention):
-    pass
+    """RowsLocalFeatureAttention over tabpfn's tabpfn_v2_6.AlongRowAttention."""

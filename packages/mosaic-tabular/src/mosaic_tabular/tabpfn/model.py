@@ -92,11 +92,11 @@ class _RowShardedThinkingRows:
 
 
 class RowShardedThinkingRowsV2p5(_RowShardedThinkingRows, tabpfn_v2_5.AddThinkingRows):
-    pass
+    """RowShardedThinkingRows over tabpfn's tabpfn_v2_5.AddThinkingRows."""
 
 
 class RowShardedThinkingRowsV2p6(_RowShardedThinkingRows, tabpfn_v2_6.AddThinkingRows):
-    pass
+    """RowShardedThinkingRows over tabpfn's tabpfn_v2_6.AddThinkingRows."""
 
 
 class _RowShardedTabPFN:
