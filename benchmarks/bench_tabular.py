@@ -14,13 +14,16 @@ TabPFN-v2.6 configuration; TabICL's default ``TabICL()``), ``torch.no_grad``:
 - ``tabicl/mosaic``: the model after ``mosaic_tabular.tabicl.shard_tabicl``, on this rank's rows;
 - ``tabicl/mosaic_offload``: the same with the package's CPU offloading.
 
-Each case: one warm-up (``--warmup first``: only before its first row count),
-then the median of ``--repeats`` timed runs (CUDA synchronised), peak memory
-``torch.cuda.max_memory_allocated`` (reset per case). A case stops at its first out-of-memory (larger row counts are not
+Each case: one warm-up at each row count (``--warmup first``: only before its first; a first call at a new
+size pays one-time costs, for TabICL's offloading most likely pinning host memory for its outputs, that a
+later case at that size does not), then the median of ``--repeats`` timed runs (CUDA synchronised), peak memory
+``torch.cuda.max_memory_allocated`` (reset per case) and, at P = 1, the output's mean absolute value (two
+paths that did the same work agree). A case stops at its first out-of-memory (larger row counts are not
 tried) and at ``--case-limit`` seconds: an alarm interrupts a run past it, and a
 row count whose time predicted from the last (quadratic) exceeds it is skipped.
 Under torchrun the own paths run only at P = 1; the mosaic rows report the
-slowest rank and the largest peak. Prints a table and writes JSON (``--out``).
+slowest rank and the largest peak. Prints a table and writes JSON (``--out``); ``--profile DIR`` adds, per
+case, one call under ``torch.profiler`` and its operator tables.
 
 On the GPU machine (no package index; wheels in ``.whl_tabular/``)::
 
@@ -30,6 +33,8 @@ On the GPU machine (no package index; wheels in ``.whl_tabular/``)::
         -e packages/mosaic-core -e packages/mosaic-ring -e packages/mosaic-tabular
     python3 benchmarks/bench_tabular.py --out tabular.json                                  # P = 1
     torchrun --nproc_per_node=4 benchmarks/bench_tabular.py --out tabular_p4.json           # P = 4
+    python3 benchmarks/bench_tabular.py --tabpfn-layers 1 --rows 1150000 --cases tabpfn/own  # memory ceiling
+    torchrun --nproc_per_node=4 benchmarks/bench_tabular.py --one-gpu --cases tabpfn/mosaic  # memory a rank at P = 4
 
 Tiny on CPU: ``python benchmarks/bench_tabular.py --device cpu --rows 2000 --features 20``.
 """
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import statistics
 import time
@@ -90,35 +96,57 @@ def run_case(fn: Callable[[], object], device: torch.device, repeats: int, limit
         for i in range(repeats + int(warm_up)):
             sync(device)
             start = time.perf_counter()
-            fn()
+            out = fn()
             sync(device)
             if i or not warm_up:
                 times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"seconds": statistics.median(times), "peak_gib": peak}
+    # What this rank computed, to see that two paths did the same work (equal with the same kernels).
+    return {"seconds": statistics.median(times), "peak_gib": peak, "output_abs_mean": out.float().abs().mean().item()}
 
 
-def table(rows: int, features: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def profile_case(fn: Callable[[], object], device: torch.device, path: str) -> None:
+    """One more call of ``fn`` under ``torch.profiler``: the operators by host and by device time, to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    averages = prof.key_averages()
+    sorts = ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else [])
+    with open(path, "w") as f:
+        for key in sorts:
+            f.write(f"by {key}\n{averages.table(sort_by=key, row_limit=20)}\n")
+
+
+def table(
+    rows: int, features: int, device: torch.device, sharded: bool, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole table (half training rows), or this rank's rows of it: only those go to ``device``."""
+    from mosaic_tabular.rows import RowSplit
+
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, features, generator=g)
     y = torch.randint(0, 10, (rows // 2,), generator=g).float()
+    if sharded:
+        split = RowSplit.of(rows, y.shape[0])
+        x, y = split.take(x, 0), split.take_train(y, 0)
     return x.to(device), y.to(device)
 
 
 def tabpfn_case(name: str, args, ctx, rows: int) -> Callable[[], object]:
     from tabpfn.architectures.interface import PerformanceOptions
 
-    from mosaic_tabular.rows import RowSplit
     from mosaic_tabular.tabpfn import build_random_tabpfn, shard_tabpfn
 
-    model, _ = build_random_tabpfn("tabpfn_v2_6")
+    depth = {} if args.tabpfn_layers is None else {"nlayers": args.tabpfn_layers}
+    model, _ = build_random_tabpfn("tabpfn_v2_6", **depth)
     model = model.to(ctx.device)
-    x, y = table(rows, args.features, ctx.device)
+    x, y = table(rows, args.features, ctx.device, sharded=name.startswith("tabpfn/mosaic"))
     options = PerformanceOptions(save_peak_memory_factor=8 if name.endswith("memory_saving") else None)
     if name.startswith("tabpfn/mosaic"):
         shard_tabpfn(model, args.backend)
-        split = RowSplit.of(rows, y.shape[0])
-        x, y = split.take(x, 0), split.take_train(y, 0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
 
     def forward():
@@ -131,20 +159,17 @@ def tabpfn_case(name: str, args, ctx, rows: int) -> Callable[[], object]:
 def tabicl_case(name: str, args, ctx, rows: int) -> Callable[[], object]:
     from tabicl._model.inference_config import InferenceConfig
 
-    from mosaic_tabular.rows import RowSplit
     from mosaic_tabular.tabicl import build_random_tabicl, shard_tabicl
 
     model, _ = build_random_tabicl()
     model = model.to(ctx.device)
-    x, y = table(rows, args.features, ctx.device)
+    x, y = table(rows, args.features, ctx.device, sharded=name.startswith("tabicl/mosaic"))
     if name.endswith("offload"):
         config = InferenceConfig(**{k: {"offload": "cpu"} for k in ("COL_CONFIG", "ROW_CONFIG", "ICL_CONFIG")})
     else:
         config = InferenceConfig()
     if name.startswith("tabicl/mosaic"):
         shard_tabicl(model, args.backend)
-        split = RowSplit.of(rows, y.shape[0])
-        x, y = split.take(x, 0), split.take_train(y, 0)
 
     def forward():
         with torch.no_grad():
@@ -154,7 +179,8 @@ def tabicl_case(name: str, args, ctx, rows: int) -> Callable[[], object]:
 
 
 def gathered(ctx, result: dict) -> dict:
-    """The slowest rank's time and the largest peak (every rank's values the same under torchrun)."""
+    """The slowest rank's time and the largest peak (every rank's values the same under torchrun); the output's
+    mean only at P = 1, where it is the whole output (the own paths run only there)."""
     if ctx.sp_size == 1:
         return result
     ms = mosaic.sharded.agree(round(result["seconds"] * 1e6), "max")
@@ -178,10 +204,28 @@ def main() -> None:
         default="each",
         help="warm up before every row count, or only before a case's first (its kernels compiled)",
     )
+    parser.add_argument(
+        "--tabpfn-layers",
+        type=int,
+        default=None,
+        help="TabPFN's depth (default: the architecture's 24). Peak memory is one layer's, so a shallow model finds "
+        "the row count where a path runs out of memory at 1/24 of the time",
+    )
+    parser.add_argument(
+        "--one-gpu",
+        action="store_true",
+        help="under torchrun, every rank on GPU 0 over gloo (CUDA tensors staged through the host): the memory "
+        "each rank needs at P ranks, on a machine of one GPU (times are not those of P GPUs)",
+    )
+    parser.add_argument("--profile", default=None, help="folder: after timing, one call of each case profiled")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
 
-    ctx = mosaic.init(device=args.device)
+    sp_size = int(os.environ.get("WORLD_SIZE", "1"))  # every rank shares the rows (no data parallelism here)
+    if args.one_gpu:
+        ctx = mosaic.init(sp_size, backend="gloo", device="cuda:0")
+    else:
+        ctx = mosaic.init(sp_size, device=args.device)
     cases = [c for c in args.cases if "/mosaic" in c or ctx.sp_size == 1]
     results, stopped, last = [], set(), {}
     for rows in sorted(args.rows):
@@ -196,8 +240,12 @@ def main() -> None:
             else:
                 try:
                     build = tabpfn_case if name.startswith("tabpfn") else tabicl_case
-                    result = gathered(ctx, run_case(build(name, args, ctx, rows), ctx.device, args.repeats,
-                                                    args.case_limit, bool(warm)))  # fmt: skip
+                    forward = build(name, args, ctx, rows)
+                    result = gathered(ctx, run_case(forward, ctx.device, args.repeats, args.case_limit, bool(warm)))
+                    if args.profile:
+                        os.makedirs(args.profile, exist_ok=True)
+                        where = f"{name.replace('/', '_')}_{rows}_rank{ctx.rank}.txt"
+                        profile_case(forward, ctx.device, os.path.join(args.profile, where))
                     record.update(result)
                     last[name] = (rows, result["seconds"])
                 except torch.OutOfMemoryError:
@@ -214,7 +262,8 @@ def main() -> None:
         print("largest rows run:", ", ".join(f"{n} {v}" for n, v in largest.items()))
         if args.out:
             meta = {"device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "versions": versions(), "backend": args.backend}  # fmt: skip
+                    "torch": torch.__version__, "versions": versions(), "backend": args.backend,
+                    "tabpfn_layers": args.tabpfn_layers, "one_gpu": args.one_gpu}  # fmt: skip
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "results": results, "largest_rows": largest}, f, indent=2)
     mosaic.shutdown()

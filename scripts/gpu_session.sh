@@ -13,6 +13,13 @@
 #   scripts/gpu_session.sh wave_final        # one GPU: one_gpu_cudnn (shorter limits), then tabular_models
 #   scripts/gpu_session.sh hier_kernels      # one GPU: hierarchical at P = 4 under each block kernel (cuDNN's gradients)
 #   scripts/gpu_session.sh tabular_next      # one GPU, .whl_tabular/ carried: TabICL offload under Mosaic, largest rows
+#   scripts/gpu_session.sh tabpfn_ceiling    # one GPU, .whl_tabular/ carried: TabPFN's largest rows, each path
+#   scripts/gpu_session.sh tabular_one_gpu_P4  # one GPU, .whl_tabular/ carried: a rank's memory at P = 4
+#   scripts/gpu_session.sh tabicl_1500k      # one GPU, .whl_tabular/ carried: TabICL at 1.5x10^6 rows
+#   scripts/gpu_session.sh hier_cudnn        # one GPU: hierarchical at P = 4, cuDNN blocks only
+#   scripts/gpu_session.sh tabicl_1m         # one GPU, .whl_tabular/ carried: TabICL at 10^6 rows, each path warmed
+#   scripts/gpu_session.sh tabular_fair      # one GPU, .whl_tabular/ carried: 50k and 100k rows, each case warmed at its size
+#   scripts/gpu_session.sh tabicl_profile    # one GPU, .whl_tabular/ carried: TabICL's paths at 300k rows profiled
 # Logs and JSON go to $OUT. Expects the wheels of ../shared/wheels copied to .whl/ (ring-flash-attn, flash-attn,
 # MagiAttention with its JIT cache); every step has a time limit so one slow step cannot eat the call.
 set -u
@@ -125,8 +132,12 @@ one_gpu_cudnn() {  # every strategy at P = 2 and 4 on one GPU (gloo, CUDA staged
   done
 }
 
+tabular_wheels() {  # tabpfn, tabicl and what the image lacks of their needs, once per machine
+  [ -d /tmp/tab/tabpfn ] || python3 -m pip install -q --no-index --no-deps --target /tmp/tab .whl_tabular/*.whl
+}
+
 tabular_models() {  # TabPFN v2.6 and TabICL forward, the packages' own paths and Mosaic's, 50k to 300k rows
-  python3 -m pip install -q --no-index --no-deps --target /tmp/tab .whl_tabular/*.whl
+  tabular_wheels
   step tabular 330 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
     --rows 50000 100000 300000 --repeats 1 --warmup first --case-limit 120 --out "$OUT/tabular.json"
 }
@@ -138,12 +149,61 @@ hier_kernels() {  # hierarchical at P = 4 on one GPU under each block kernel: wh
   done
 }
 
-tabular_next() {  # what #26 still lacks: TabICL offloading under Mosaic beside its own, and the largest rows each path runs
-  python3 -m pip install -q --no-index --no-deps --target /tmp/tab .whl_tabular/*.whl
-  step tabular_offload 150 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
-    --rows 300000 --cases tabicl/offload tabicl/mosaic_offload --repeats 1 --case-limit 100 --out "$OUT/tabular_offload.json"
-  step tabular_largest 420 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
-    --rows 400000 500000 700000 1000000 --repeats 1 --warmup first --case-limit 150 --out "$OUT/tabular_largest.json"
+tabular_next() {  # what #26 still lacks: TabICL offloading under Mosaic beside its own, and TabICL's largest rows
+  tabular_wheels
+  step tabular_offload 120 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --rows 50000 300000 --cases tabicl/offload tabicl/mosaic_offload --repeats 1 --warmup first --case-limit 100 \
+    --out "$OUT/tabular_offload.json"
+  step tabicl_largest 360 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --rows 50000 1000000 2000000 --cases tabicl/own tabicl/mosaic --repeats 1 --warmup first --case-limit 220 \
+    --out "$OUT/tabicl_largest.json"
+}
+
+tabpfn_ceiling() {  # TabPFN v2.6's memory ceiling on the card, each path, with one layer (peak memory is one layer's)
+  tabular_wheels
+  step tabpfn_ceiling 480 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --tabpfn-layers 1 --rows 300000 1150000 1350000 --cases tabpfn/own tabpfn/mosaic tabpfn/memory_saving \
+    tabpfn/mosaic_memory_saving --repeats 1 --warmup first --case-limit 100 --out "$OUT/tabpfn_ceiling.json"
+}
+
+tabicl_1500k() {  # TabICL between the 10^6 rows it runs and the 2x10^6 where the host ran out of memory; each case
+  # warmed at its size (a first call there allocates the pinned host memory of the offloaded outputs), Mosaic first
+  tabular_wheels
+  step tabicl_1500k 560 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --rows 1500000 --cases tabicl/mosaic tabicl/own --repeats 1 --case-limit 260 --out "$OUT/tabicl_1500k.json"
+}
+
+tabicl_1m() {  # TabICL at 10^6 rows (its outputs stay on the card), each case warmed at its size, Mosaic first
+  tabular_wheels
+  step tabicl_1m 300 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --rows 1000000 --cases tabicl/mosaic tabicl/own --repeats 1 --case-limit 200 --out "$OUT/tabicl_1m.json"
+}
+
+tabular_fair() {  # tabular_models' 50k and 100k rows, each case warmed at its size, Mosaic's first (no first-call costs)
+  tabular_wheels
+  step tabular_fair 400 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --rows 50000 100000 --cases tabicl/mosaic tabicl/own tabicl/mosaic_offload tabicl/offload tabpfn/mosaic \
+    tabpfn/own tabpfn/mosaic_memory_saving tabpfn/memory_saving --repeats 1 --case-limit 60 \
+    --out "$OUT/tabular_fair.json"
+}
+
+tabular_one_gpu_P4() {  # the memory a rank needs at P = 4 (four ranks on one GPU over gloo; times are not P GPUs')
+  tabular_wheels
+  step tabular_one_gpu_P4 170 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" torchrun --nproc_per_node=4 \
+    benchmarks/bench_tabular.py --one-gpu --rows 20000 100000 --cases tabpfn/mosaic tabicl/mosaic --repeats 1 \
+    --warmup first --case-limit 150 --out "$OUT/tabular_one_gpu_P4.json"
+}
+
+tabicl_profile() {  # why Mosaic's offloading beat TabICL's own 2.7x at 300k rows: the same cases, Mosaic first, profiled
+  tabular_wheels
+  step tabicl_profile 420 env PYTHONPATH="/tmp/tab:${PYTHONPATH:-}" python3 benchmarks/bench_tabular.py \
+    --rows 300000 --cases tabicl/mosaic_offload tabicl/offload tabicl/mosaic tabicl/own --repeats 1 \
+    --case-limit 100 --profile "$OUT/profile" --out "$OUT/tabicl_profile.json"
+}
+
+hier_cudnn() {  # hierarchical at P = 4 on one GPU with cuDNN blocks: the backward fix of CudnnKernel
+  step one_gpu_P4_hier_cudnn 60 env MOSAIC_KERNEL=cudnn torchrun --nproc_per_node=4 tests/gpu/check_backends.py \
+    --one-gpu --backends hierarchical --cases causal self --out "$OUT"
 }
 
 wave_final() {  # about 8 minutes: every strategy at P = 2 and 4 on one GPU with cuDNN blocks, then the tabular models

@@ -141,6 +141,12 @@ class Backend(ABC):
         except ValueError:
             return []
 
+    def environment_reasons(self) -> list[str]:
+        """Why this backend can't run on this machine whatever the input (a package it calls is missing);
+        empty when it can. ``available_backends`` and ``python -m mosaic`` ask it; override in a backend
+        that wraps an engine installed apart from it (MagiAttention, ring-flash-attn)."""
+        return []
+
     def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
         """Human-readable reasons this backend can't run ``problem``; empty when it can."""
         caps, p = self.capabilities, problem

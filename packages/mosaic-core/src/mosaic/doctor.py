@@ -67,11 +67,14 @@ def _backends() -> Iterator[tuple[str, str, str]]:
             continue
         here = [d.type for d in devices if d.type in backend.capabilities.devices]
         package = KNOWN_BACKENDS.get(name, "a plugin")
-        if here:
-            yield name, "yes", f"{package}; on {', '.join(sorted(set(here)))}"
-        else:
+        reasons = backend.environment_reasons()  # the engine it wraps missing
+        if not here:
             wanted = ", ".join(sorted(backend.capabilities.devices))
-            yield name, "no", f"{package}; needs {wanted}, this machine has {', '.join(d.type for d in devices)}"
+            reasons = [f"needs {wanted}, this machine has {', '.join(d.type for d in devices)}", *reasons]
+        if reasons:
+            yield name, "no", f"{package}; {'; '.join(reasons)}"
+        else:
+            yield name, "yes", f"{package}; on {', '.join(sorted(set(here)))}"
 
 
 def _kernels() -> Iterator[tuple[str, str, str]]:
@@ -84,7 +87,22 @@ def _kernels() -> Iterator[tuple[str, str, str]]:
             note = "" if kernel.automatic else "; runs only where named (kernel=...)"
             yield name, "yes", f"on {', '.join(runs)}{note}"
         else:
-            yield name, "no", "; ".join(dict.fromkeys(r for why in verdicts.values() for r in why))
+            yield name, "no", _reasons_by_device(verdicts)
+
+
+def _reasons_by_device(verdicts: dict[str, list[str]]) -> str:
+    """The reasons every device shares once ("flash-attn-4 is not installed"), then each device's own, devices
+    with the same together ("cpu: needs a cuda device"), so a GPU's reason is not lost among the CPU's and a
+    reason is never printed twice."""
+    shared = [r for r in next(iter(verdicts.values())) if all(r in why for why in verdicts.values())]
+    grouped: dict[str, list[str]] = {}
+    for device, why in verdicts.items():
+        own = "; ".join(r for r in why if r not in shared)
+        if own:
+            grouped.setdefault(own, []).append(device)
+    # The accelerators first: theirs is the reason a user acts on.
+    parts = sorted(grouped.items(), key=lambda item: item[1][0] == "cpu")
+    return "; ".join([*shared, *(f"{', '.join(devices)}: {why}" for why, devices in parts)])
 
 
 def report() -> str:

@@ -90,8 +90,9 @@ def installed_backends() -> list[str]:
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """The installed backends that can run on ``device`` (default: CUDA when it is available, else CPU).
 
-    A backend that declares other devices only (``magi`` and ``ring_flash_attn`` need CUDA)
-    or fails to import is left out; :func:`installed_backends` lists every name, and
+    A backend that declares other devices only (``magi`` and ``ring_flash_attn`` need CUDA),
+    fails to import or misses the engine it wraps (:meth:`Backend.environment_reasons`: MagiAttention,
+    ring-flash-attn) is left out; :func:`installed_backends` lists every name, and
     ``python -m mosaic`` says why each one can or can't run here.
     """
     if device is None:
@@ -103,7 +104,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
             backend = get_backend(name)
         except BackendUnavailable:
             continue
-        if kind in backend.capabilities.devices:
+        if kind in backend.capabilities.devices and not backend.environment_reasons():
             out.append(name)
     return out
 
